@@ -1,0 +1,44 @@
+# fmtransfer: the front door. Every target creates/updates the virtualenv (.venv) itself when it is missing or
+# older than pyproject.toml, and skips that step (in well under a second) when it is current.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fmtransfer-installed
+# This project's machines install torch from local disk; any recent torch works elsewhere.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help venv train test lint format clean-cache clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[venv] installing into $(VENV) (a few minutes the first time)"
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create/update the virtualenv
+
+train: $(STAMP)  ## train a head on cached feature maps (default: embedded digits, offline); ARGS="experiment=hymenoptera head=multilayer"
+	$(PY) -m fmtransfer.cli.train $(ARGS)
+
+test: $(STAMP)  ## run the test suite (offline, CPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check src tests
+
+format: $(STAMP)  ## ruff format + import sorting
+	$(PY) -m ruff check --fix src tests
+
+clean-cache:  ## delete cached feature maps (rebuilt on the next run)
+	rm -rf data/cache
+
+clean:  ## delete caches, logs and the virtualenv
+	rm -rf data/cache data/hf logs $(VENV)

@@ -1,0 +1,43 @@
+"""Backbone stage: timm models with resolved pretrained weights, their feature maps, freezing, preprocessing."""
+
+from fmtransfer.backbone.model import (
+    PRE_LOGITS,
+    BackboneSpec,
+    FeatureMapExtractor,
+    FrozenModule,
+    LevelInfo,
+    check_model_name,
+    describe_backbone,
+    describe_levels,
+    parse_levels,
+)
+from fmtransfer.backbone.transforms import build_eval_transform, build_train_transform, resolve_data_config
+from fmtransfer.backbone.weights import (
+    PACKAGED_WEIGHTS,
+    WeightsInfo,
+    WeightsSource,
+    load_weights,
+    resolve_weights_source,
+    state_dict_checksum,
+)
+
+__all__ = [
+    "PACKAGED_WEIGHTS",
+    "PRE_LOGITS",
+    "BackboneSpec",
+    "FeatureMapExtractor",
+    "FrozenModule",
+    "LevelInfo",
+    "WeightsInfo",
+    "WeightsSource",
+    "build_eval_transform",
+    "build_train_transform",
+    "check_model_name",
+    "describe_backbone",
+    "describe_levels",
+    "load_weights",
+    "parse_levels",
+    "resolve_data_config",
+    "resolve_weights_source",
+    "state_dict_checksum",
+]

@@ -1,0 +1,162 @@
+"""Backbones: a timm model, the feature maps it exposes (``feature_info`` levels + pooled pre-logits), freezing."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+
+from fmtransfer.backbone.weights import WeightsInfo, WeightsSource, load_weights, resolve_weights_source
+from fmtransfer.errors import ConfigError
+
+PRE_LOGITS = "pre_logits"
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One cacheable feature map: a ``feature_info`` level (index >= 0) or the pooled pre-logits vector."""
+
+    name: str
+    index: int | None
+    module: str
+    channels: int
+    reduction: int | None
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "module": self.module,
+            "channels": self.channels,
+            "reduction": self.reduction,
+        }
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ConfigError suggesting close names when ``name`` is not a timm model."""
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models() for valid names."
+        raise ConfigError(f"backbone.name={name} is not a timm model.{hint}")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone described by data, without its weights: levels, preprocessing config and weights source."""
+
+    name: str
+    levels: tuple[LevelInfo, ...]
+    pretrained_cfg: dict
+    weights: WeightsSource
+
+    def create(self) -> tuple[nn.Module, WeightsInfo]:
+        """Build the model and load its weights (eval mode)."""
+        model = timm.create_model(self.name, pretrained=False)
+        info = load_weights(model, self.name, self.weights)
+        return model.eval(), info
+
+
+def describe_backbone(name: str, weights: str = "auto", checkpoint: str | None = None) -> BackboneSpec:
+    """Describe ``name`` from an architecture built on the meta device (no memory, no weights loaded)."""
+    check_model_name(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    cfg = dict(model.pretrained_cfg)
+    source = resolve_weights_source(name, weights, checkpoint, hub_id=cfg.get("hf_hub_id"))
+    return BackboneSpec(name, tuple(describe_levels(model)), cfg, source)
+
+
+def describe_levels(model: nn.Module) -> list[LevelInfo]:
+    """Every feature map the model can give: its ``feature_info`` levels, then ``pre_logits``."""
+    levels = [
+        LevelInfo(f"level{i}", i, f["module"], int(f["num_chs"]), int(f["reduction"]))
+        for i, f in enumerate(model.feature_info)
+    ]
+    levels.append(LevelInfo(PRE_LOGITS, None, "forward_head(pre_logits=True)", int(model.num_features), None))
+    return levels
+
+
+def parse_levels(spec: str | int | Sequence[str | int], available: Sequence[LevelInfo]) -> list[LevelInfo]:
+    """Resolve a level spec (``all``, ``pre_logits``, an index, ``levelN``, or a list of those) to ``LevelInfo``s."""
+    by_name = {lv.name: lv for lv in available}
+    if isinstance(spec, (str, int)):
+        spec = [spec]
+    chosen: list[LevelInfo] = []
+    for item in spec:
+        if item == "all":
+            names = list(by_name)
+        elif isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
+            idx = int(item)
+            n_maps = len(available) - 1
+            if not -n_maps <= idx < n_maps:
+                raise ConfigError(_unknown_level(item, available))
+            names = [f"level{idx % n_maps}"]
+        elif item in by_name:
+            names = [item]
+        else:
+            raise ConfigError(_unknown_level(item, available))
+        chosen.extend(by_name[n] for n in names if by_name[n] not in chosen)
+    # Keep the network's order (shallow to deep) whatever order the user wrote.
+    return sorted(chosen, key=lambda lv: available.index(lv))
+
+
+def _unknown_level(item: object, available: Sequence[LevelInfo]) -> str:
+    valid = ", ".join(f"{lv.name} ({lv.channels} ch, stride {lv.reduction})" for lv in available)
+    return f"feature level {item!r} is not known for this backbone. Valid: all, integer indices, or {valid}."
+
+
+class FeatureMapExtractor(nn.Module):
+    """Runs a timm model once and returns the requested feature maps by level name.
+
+    Spatial levels come from ``forward_intermediates`` (aligned with ``feature_info``); ``pre_logits`` is the
+    model's own pooled vector before the classifier.
+    """
+
+    def __init__(self, model: nn.Module, levels: Sequence[LevelInfo]):
+        super().__init__()
+        if not hasattr(model, "forward_intermediates"):
+            raise ConfigError(
+                f"backbone {type(model).__name__} has no forward_intermediates in this timm version; "
+                f"choose a model family that does (efficientnet, resnet, convnext, vit, ...)."
+            )
+        self.model = model
+        self.levels = list(levels)
+        self.indices = [lv.index for lv in self.levels if lv.index is not None]
+        self.want_pre_logits = any(lv.name == PRE_LOGITS for lv in self.levels)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.want_pre_logits:
+            final, maps = self.model.forward_intermediates(x, indices=self.indices or [0])
+            pooled = self.model.forward_head(final, pre_logits=True)
+            out[PRE_LOGITS] = pooled.flatten(1)
+        else:
+            maps = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True, stop_early=True)
+        if self.indices:
+            out.update({f"level{i}": m for i, m in zip(self.indices, maps, strict=True)})
+        return {lv.name: out[lv.name] for lv in self.levels}
+
+
+class FrozenModule(nn.Module):
+    """Wraps a module so it never trains: no gradients, and BatchNorm/dropout stay in eval mode.
+
+    ``LightningModule.freeze()`` or ``requires_grad_(False)`` alone still lets ``.train()`` switch BatchNorm back to
+    batch statistics and update its running buffers; overriding ``train`` closes that hole.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        self.training = mode
+        self.module.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)

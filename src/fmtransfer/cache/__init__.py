@@ -1,0 +1,26 @@
+"""Cache stage: extract feature maps once with a frozen backbone and keep them on disk, keyed by a fingerprint."""
+
+from fmtransfer.cache.extract import (
+    CacheResult,
+    CacheSpec,
+    FeatureExtractionModule,
+    FeatureMapWriter,
+    cache_parts,
+    ensure_feature_cache,
+    pool_map,
+)
+from fmtransfer.cache.store import CachedSplit, CacheEntryWriter, FeatureCache, fingerprint_key
+
+__all__ = [
+    "CacheEntryWriter",
+    "CacheResult",
+    "CacheSpec",
+    "CachedSplit",
+    "FeatureCache",
+    "FeatureExtractionModule",
+    "FeatureMapWriter",
+    "cache_parts",
+    "ensure_feature_cache",
+    "fingerprint_key",
+    "pool_map",
+]

@@ -1,0 +1,207 @@
+"""Extract feature maps once with a frozen backbone (``Trainer.predict`` + a prediction writer) into the cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, LevelInfo
+from fmtransfer.cache.store import CachedSplit, CacheEntryWriter, FeatureCache, fingerprint_key, now_iso
+from fmtransfer.data import ImageClassificationDataset, split_fingerprint
+from fmtransfer.errors import ConfigError
+
+POOL_MODES = ("none", "avg", "global")
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What to cache and how: chosen levels, storage dtype and spatial pooling."""
+
+    levels: tuple[LevelInfo, ...]
+    dtype: str = "float16"
+    pool: str = "avg"
+    pool_size: int = 8
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"cache.dtype={self.dtype} must be one of {list(DTYPES)}.")
+        if self.pool not in POOL_MODES:
+            raise ConfigError(f"cache.pool={self.pool} must be one of {list(POOL_MODES)}.")
+        if self.pool == "avg" and self.pool_size < 1:
+            raise ConfigError(f"cache.pool_size={self.pool_size} must be >= 1.")
+
+
+def pool_map(x: torch.Tensor, pool: str, size: int) -> torch.Tensor:
+    """Bound a feature map's size: ``avg`` averages down to at most size x size, ``global`` to a vector."""
+    if x.ndim != 4 or pool == "none":
+        return x
+    if pool == "global":
+        return x.mean(dim=(2, 3))
+    h, w = x.shape[-2:]
+    if h <= size and w <= size:
+        return x
+    return F.adaptive_avg_pool2d(x, (min(h, size), min(w, size)))
+
+
+class FeatureExtractionModule(pl.LightningModule):
+    """Frozen backbone in a LightningModule: ``predict_step`` returns the (pooled, cast) maps of a batch."""
+
+    def __init__(self, extractor: FeatureMapExtractor, spec: CacheSpec):
+        super().__init__()
+        self.extractor = FrozenModule(extractor)
+        self.spec = spec
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = self.extractor(images)
+        dtype = torch.float16 if self.spec.dtype == "float16" else torch.float32
+        return {k: pool_map(v.float(), self.spec.pool, self.spec.pool_size).to(dtype) for k, v in maps.items()}
+
+    def predict_step(self, batch, batch_idx: int):
+        images, labels, indices = batch
+        return {"maps": self(images), "labels": labels, "indices": indices}
+
+
+class FeatureMapWriter(BasePredictionWriter):
+    """Writes each predicted batch into the cache entry at the samples' own indices."""
+
+    def __init__(self, writer: CacheEntryWriter):
+        super().__init__(write_interval="batch")
+        self.writer = writer
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        maps = {k: v.cpu().numpy() for k, v in prediction["maps"].items()}
+        self.writer.write(prediction["indices"].cpu().numpy(), prediction["labels"].cpu().numpy(), maps)
+
+
+def map_shapes(extractor: FeatureMapExtractor, spec: CacheSpec, image_size: tuple[int, int, int]) -> dict:
+    """Per-sample shape of every cached level, from one dummy forward pass."""
+    module = FeatureExtractionModule(extractor, spec)
+    with torch.no_grad():
+        out = module(torch.zeros(1, *image_size))
+    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+@dataclass
+class CacheResult:
+    """The cache entry for one split and whether this call built it."""
+
+    split: CachedSplit
+    hit: bool
+    extract_seconds: float
+
+
+def cache_parts(
+    backbone_name: str,
+    weights_checksum: str,
+    data_config: dict,
+    transform_repr: str,
+    split_name: str,
+    split_hash: str,
+    spec: CacheSpec,
+) -> dict:
+    """Everything that changes the cached features, as the fingerprint's parts (also stored in the manifest)."""
+    return {
+        "backbone": backbone_name,
+        "weights_checksum": weights_checksum,
+        "levels": [lv.name for lv in spec.levels],
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())},
+        "transform": transform_repr,
+        "split": split_name,
+        "split_content": split_hash,
+        "dtype": spec.dtype,
+        "pool": spec.pool if spec.pool != "avg" else f"avg{spec.pool_size}",
+    }
+
+
+def ensure_feature_cache(
+    cache: FeatureCache,
+    split_name: str,
+    split: Dataset,
+    class_names: Sequence[str],
+    backbone_name: str,
+    weights_checksum: str,
+    data_config: dict,
+    transform,
+    spec: CacheSpec,
+    build_extractor,
+    trainer_kwargs: dict | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    extra_manifest: dict | None = None,
+) -> CacheResult:
+    """Return the cached maps of ``split``, extracting them first if no complete entry matches.
+
+    ``build_extractor`` is only called on a miss, so a cache hit never loads or runs the backbone.
+    """
+    parts = cache_parts(
+        backbone_name, weights_checksum, data_config, repr(transform), split_name, split_fingerprint(split), spec
+    )
+    names = [lv.name for lv in spec.levels]
+    found = cache.find(backbone_name, split_name, parts, names)
+    if found is not None:
+        return CacheResult(found, hit=True, extract_seconds=0.0)
+    key = fingerprint_key(parts)
+    with cache.lock(backbone_name, split_name, key):
+        found = cache.find(backbone_name, split_name, parts, names)  # built by another run while we waited
+        if found is not None:
+            return CacheResult(found, hit=True, extract_seconds=0.0)
+        cache.remove_partials(backbone_name, split_name, key)
+        start = time.perf_counter()
+        extractor: FeatureMapExtractor = build_extractor()
+        shapes = map_shapes(extractor, spec, tuple(data_config["input_size"]))
+        writer = cache.writer(backbone_name, split_name, key)
+        writer.create(len(split), shapes, DTYPES[spec.dtype])
+        try:
+            loader = DataLoader(
+                ImageClassificationDataset(split, transform),
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=num_workers,
+                persistent_workers=False,
+            )
+            trainer = pl.Trainer(
+                **(trainer_kwargs or {}),
+                devices=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                callbacks=[FeatureMapWriter(writer)],
+            )
+            print(f"[cache] extracting {', '.join(names)} for {len(split)} '{split_name}' images -> {writer.final}")
+            trainer.predict(FeatureExtractionModule(extractor, spec), loader, return_predictions=False)
+            seconds = time.perf_counter() - start
+            itemsize = np.dtype(DTYPES[spec.dtype]).itemsize
+            manifest = {
+                "fingerprint": key,
+                "parts": parts,
+                "split": split_name,
+                "num_samples": len(split),
+                "class_names": list(class_names),
+                "levels": {
+                    lv.name: {
+                        **lv.as_dict(),
+                        "shape": list(shapes[lv.name]),
+                        "dtype": spec.dtype,
+                        "bytes_per_image": int(np.prod(shapes[lv.name])) * itemsize,
+                    }
+                    for lv in spec.levels
+                },
+                "created": now_iso(),
+                "extract_seconds": round(seconds, 3),
+                **(extra_manifest or {}),
+            }
+            path = writer.publish(manifest)
+        except BaseException:
+            writer.abort()
+            raise
+    return CacheResult(CachedSplit(path, FeatureCache.read_manifest(path)), hit=False, extract_seconds=seconds)

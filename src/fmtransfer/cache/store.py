@@ -1,0 +1,254 @@
+"""The on-disk feature-map cache: one directory per (backbone, split, fingerprint), memory-mappable ``.npy`` files.
+
+Layout::
+
+    <root>/<backbone>/<split>-<key>/
+        manifest.json      written last: an entry without it is incomplete and never read
+        labels.npy         int64 [N]
+        <level>.npy        [N, C, H, W] (or [N, C]) float16/float32, one per cached level
+
+An entry is built in a hidden ``.partial-*`` sibling and renamed into place in one atomic step, under a per-key
+file lock, so a killed extraction leaves only a partial directory (removed by the next builder) and two runs asking
+for the same maps build them once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmtransfer.errors import CacheError
+from fmtransfer.hashing import file_checksum, mapping_key
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LABELS = "labels"
+
+
+def fingerprint_key(parts: Mapping) -> str:
+    """A short stable hash of every input that changes the cached features."""
+    return mapping_key(parts)
+
+
+@dataclass
+class CachedSplit:
+    """A complete cache entry; arrays open memory-mapped (read-only), so a large cache costs no RAM until read."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    @property
+    def level_names(self) -> list[str]:
+        return list(self.manifest["levels"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    def level(self, name: str) -> np.ndarray:
+        if name not in self.manifest["levels"]:
+            raise CacheError(f"level {name!r} is not in the cache {self.path} (it holds {self.level_names}).")
+        return np.load(self.path / self.manifest["levels"][name]["file"], mmap_mode="r")
+
+    def labels(self) -> np.ndarray:
+        return np.load(self.path / self.manifest["labels"]["file"])
+
+
+class FeatureCache:
+    """Finds, validates, locks and atomically publishes cache entries under ``root``."""
+
+    def __init__(self, root: str | Path, verify: str = "checksum"):
+        if verify not in ("checksum", "size"):
+            raise CacheError(f"cache.verify={verify} must be 'checksum' or 'size'.")
+        self.root = Path(root).expanduser()
+        self.verify = verify
+
+    def entry_dir(self, backbone: str, split: str, key: str) -> Path:
+        return self.root / _safe(backbone) / f"{split}-{key}"
+
+    def find(self, backbone: str, split: str, parts: Mapping, levels: list[str]) -> CachedSplit | None:
+        """The complete, valid entry for these parts, or one whose levels are a superset of ``levels``."""
+        exact = self.entry_dir(backbone, split, fingerprint_key(parts))
+        candidates = [exact]
+        folder = self.root / _safe(backbone)
+        if folder.is_dir():
+            candidates += sorted(p for p in folder.glob(f"{split}-*") if p != exact and p.is_dir())
+        for path in candidates:
+            manifest = self.read_manifest(path)
+            if manifest is None:
+                continue
+            other = {k: v for k, v in manifest["parts"].items() if k != "levels"}
+            mine = {k: v for k, v in json.loads(json.dumps(parts, default=str)).items() if k != "levels"}
+            if other != mine or not set(levels) <= set(manifest["levels"]):
+                continue
+            problem = self.validate(path, manifest)
+            if problem is None:
+                return CachedSplit(path, manifest)
+            print(f"[cache] discarding damaged entry {path}: {problem}")
+            shutil.rmtree(path, ignore_errors=True)
+        return None
+
+    def validate(self, path: Path, manifest: dict) -> str | None:
+        """``None`` if every file is present with its recorded size (and checksum); otherwise what is wrong."""
+        files = [manifest["labels"], *manifest["levels"].values()]
+        for f in files:
+            p = path / f["file"]
+            if not p.is_file():
+                return f"{f['file']} is missing"
+            if p.stat().st_size != f["file_bytes"]:
+                return f"{f['file']} has {p.stat().st_size} bytes, manifest says {f['file_bytes']}"
+            if self.verify == "checksum" and file_checksum(p) != f["checksum"]:
+                return f"{f['file']} does not match its checksum (corrupted after it was written)"
+        return None
+
+    @staticmethod
+    def read_manifest(path: Path) -> dict | None:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        ok = manifest.get("format_version") == FORMAT_VERSION and manifest.get("complete") is True
+        return manifest if ok else None
+
+    @contextlib.contextmanager
+    def lock(self, backbone: str, split: str, key: str) -> Iterator[None]:
+        """Exclusive per-entry lock (``flock``): concurrent builders of the same maps wait for one another."""
+        folder = self.root / _safe(backbone)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / f".{split}-{key}.lock", "a+")  # noqa: SIM115 - held for the with-block
+        except OSError as exc:
+            raise CacheError(
+                f"cannot write the feature cache under {folder} ({exc.strerror}). Set cache.dir to a writable "
+                f"directory, e.g. cache.dir=/tmp/fmtransfer-cache."
+            ) from exc
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def remove_partials(self, backbone: str, split: str, key: str) -> None:
+        """Delete leftovers of interrupted builds of this entry (call while holding its lock)."""
+        for p in (self.root / _safe(backbone)).glob(f".partial-{split}-{key}-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def writer(self, backbone: str, split: str, key: str) -> CacheEntryWriter:
+        final = self.entry_dir(backbone, split, key)
+        partial = final.parent / f".partial-{split}-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return CacheEntryWriter(partial, final)
+
+
+class CacheEntryWriter:
+    """Builds one entry in a partial directory; ``publish`` verifies completeness and renames it into place."""
+
+    def __init__(self, partial: Path, final: Path):
+        self.partial = partial
+        self.final = final
+        self.arrays: dict[str, np.memmap] = {}
+        self.written: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+
+    def create(self, num_samples: int, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype) -> None:
+        """Pre-allocate one memory-mapped array per level (``shapes`` are per sample)."""
+        try:
+            self.partial.mkdir(parents=True)
+            for name, shape in shapes.items():
+                self.arrays[name] = np.lib.format.open_memmap(
+                    self.partial / f"{_safe(name)}.npy", mode="w+", dtype=dtype, shape=(num_samples, *shape)
+                )
+        except OSError as exc:
+            self.abort()
+            raise CacheError(f"cannot create cache files in {self.partial.parent}: {exc}") from exc
+        self.labels = np.full(num_samples, -1, dtype=np.int64)
+        self.written = np.zeros(num_samples, dtype=bool)
+
+    def write(self, indices: np.ndarray, labels: np.ndarray, maps: Mapping[str, np.ndarray]) -> None:
+        """Store one batch at ``indices`` (order-free, so duplicate writes from padded samplers are harmless)."""
+        try:
+            for name, arr in maps.items():
+                self.arrays[name][indices] = arr
+        except OSError as exc:
+            raise CacheError(f"writing the feature cache in {self.partial} failed: {exc}") from exc
+        self.labels[indices] = labels
+        self.written[indices] = True
+
+    def publish(self, manifest: dict) -> Path:
+        """Check every sample was written, checksum, write the manifest last, fsync and rename into place."""
+        missing = np.flatnonzero(~self.written)
+        if len(missing):
+            raise CacheError(
+                f"extraction wrote {len(self.written) - len(missing)} of {len(self.written)} samples; "
+                f"first missing index {int(missing[0])}. The partial cache was not published."
+            )
+        try:
+            np.save(self.partial / f"{LABELS}.npy", self.labels)
+            for arr in self.arrays.values():
+                arr.flush()
+            self.arrays.clear()  # close the memmaps before hashing and renaming
+            manifest = dict(manifest, format_version=FORMAT_VERSION, complete=True)
+            manifest["labels"] = self._file_record(f"{LABELS}.npy")
+            for name, rec in manifest["levels"].items():
+                rec.update(self._file_record(f"{_safe(name)}.npy"))
+            _write_json_durably(self.partial / MANIFEST, manifest)
+            _fsync_dir(self.partial)
+            if FeatureCache.read_manifest(self.final) is not None:
+                # Someone published the same entry (same inputs, same content); keep theirs.
+                shutil.rmtree(self.partial, ignore_errors=True)
+            else:
+                # An incomplete directory in the final place (left by a crash) is never kept.
+                shutil.rmtree(self.final, ignore_errors=True)
+                os.replace(self.partial, self.final)
+                _fsync_dir(self.final.parent)
+        except OSError as exc:
+            self.abort()
+            raise CacheError(
+                f"publishing the feature cache {self.final} failed: {exc}. Nothing was published."
+            ) from exc
+        return self.final
+
+    def abort(self) -> None:
+        self.arrays.clear()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def _file_record(self, filename: str) -> dict:
+        path = self.partial / filename
+        return {"file": filename, "file_bytes": path.stat().st_size, "checksum": file_checksum(path)}
+
+
+def _write_json_durably(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

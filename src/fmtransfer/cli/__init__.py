@@ -1,0 +1,1 @@
+"""Entry points (thin: compose config, call a regime, print where the results are)."""

@@ -1,0 +1,52 @@
+"""``make train``: one run of a regime on one dataset; prints ``run dir: <path>`` last."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fmtransfer.cli.config import config_dir
+from fmtransfer.errors import FmtransferError
+from fmtransfer.regimes import run_frozen
+
+REGIMES = {"frozen": run_frozen}
+
+
+def summarise(metrics: dict) -> str:
+    t, v, c, b, h = (metrics[k] for k in ("test", "val", "cache", "backbone", "head"))
+    return "\n".join(
+        [
+            f"backbone  {b['name']} ({b['weights']}), head {h['name']} on {', '.join(h['levels'])}",
+            f"cache     {'hit' if c['hit'] else 'built'} ({c['extract_seconds']:.1f} s extracting) {c['dir']}",
+            f"val       acc {v['acc']:.4f}  f1_macro {v['f1_macro']:.4f}  balanced_acc {v['balanced_acc']:.4f}",
+            f"test      acc {t['acc']:.4f}  f1_macro {t['f1_macro']:.4f}  balanced_acc {t['balanced_acc']:.4f}",
+            f"time      head training {metrics['train_seconds']:.1f} s, run total {metrics['total_seconds']:.1f} s",
+        ]
+    )
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if cfg.regime not in REGIMES:
+            raise FmtransferError(f"regime={cfg.regime} is not known; choose one of {sorted(REGIMES)}.")
+        metrics = REGIMES[cfg.regime](cfg, run_dir)
+    except FmtransferError as exc:
+        # Bad input gets one clear sentence, not a stack trace.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(summarise(metrics))
+    print(f"run dir: {run_dir}")
+
+
+def main() -> None:
+    train()
+
+
+if __name__ == "__main__":
+    main()

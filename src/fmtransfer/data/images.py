@@ -1,0 +1,67 @@
+"""Images as tensors: colour-mode normalisation, a torch ``Dataset`` view of a split, and a split's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from PIL import Image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) as 8-bit RGB; transparent pixels composite onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: rescale to 8 bits rather than clipping everything above 255 to white.
+        arr = np.asarray(image, dtype=np.float32)
+        hi = float(arr.max()) or 1.0
+        image = Image.fromarray(np.rint(arr / hi * 255.0).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """A split as ``(image_tensor, label, index)``; the index lets writers place outputs without relying on order."""
+
+    def __init__(self, split: Dataset, transform: Callable[[Image.Image], torch.Tensor]):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        row = self.split[index]
+        return self.transform(to_rgb(row["image"])), int(row["label"]), index
+
+
+def split_fingerprint(split: Dataset) -> str:
+    """A hash of a split's content in order: labels and image bytes (or path, size and mtime for file-backed images).
+
+    Any change to which images are in the split, their order, their labels or their files changes it, so it
+    covers the dataset, the split made from it and any k-shot selection at once.
+    """
+    raw = split.cast_column("image", ImageFeature(decode=False))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(split.features["label"].names).encode())
+    for batch in raw.iter(batch_size=256):
+        for image, label in zip(batch["image"], batch["label"], strict=True):
+            h.update(f"{label}|".encode())
+            if image.get("bytes") is not None:
+                h.update(hashlib.blake2b(image["bytes"], digest_size=16).digest())
+            else:
+                path = image["path"]
+                st = os.stat(path)
+                h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()

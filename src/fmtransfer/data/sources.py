@@ -1,0 +1,183 @@
+"""Where labelled images come from: a registry of dataset sources, each loading a Hugging Face ``DatasetDict``.
+
+Every source returns splits with exactly two columns, ``image`` (an ``Image`` feature) and ``label`` (a
+``ClassLabel``), so later stages never care where the images came from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+
+from fmtransfer.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# Directory names the Hugging Face loaders map onto the canonical split names.
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """How to load one kind of dataset location."""
+
+    name: str
+    load: Callable[[str, str | None], DatasetDict]
+    description: str = ""
+    # Preprocessing that suits this source better than the backbone's defaults, e.g. {"image_size": 128,
+    # "crop_pct": 1.0} for tiny images whose content reaches the border; used where the config says ``auto``.
+    preferred_preprocessing: dict = field(default_factory=dict)
+
+
+def load_sklearn_digits(path: str, cache_dir: str | None = None) -> DatasetDict:
+    """scikit-learn's bundled digits (1797 real 8x8 scans, 10 classes): the embedded, offline default."""
+    from PIL import Image as PILImage
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16; stretch to 0..255 so the image looks like an ordinary 8-bit grayscale scan.
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    data = {"image": [PILImage.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}
+    return DatasetDict({"train": Dataset.from_dict(data, features=features)})
+
+
+def load_image_folder(path: str, cache_dir: str | None = None) -> DatasetDict:
+    """An ImageFolder directory: ``DIR/<split>/<class>/*.jpg`` or ``DIR/<class>/*.jpg``."""
+    return _load_with_hf("imagefolder", {"data_dir": path}, path, cache_dir)
+
+
+def load_parquet_dir(path: str, cache_dir: str | None = None) -> DatasetDict:
+    """Parquet split files: ``DIR/train.parquet``, ``DIR/validation.parquet`` (or ``val``), ``DIR/test.parquet``."""
+    files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
+    data_files: dict[str, list[str]] = {}
+    for f in files:
+        split = SPLIT_ALIASES.get(f.stem.lower().split("-")[0])
+        if split is None and Path(path).is_dir():
+            raise DataError(
+                f"data.path={path}: cannot tell which split {f.name} holds. Name Parquet files after their split "
+                f"(train.parquet, validation.parquet or val.parquet, test.parquet)."
+            )
+        data_files.setdefault(split or "train", []).append(str(f))
+    return _load_with_hf("parquet", {"data_files": data_files}, path, cache_dir)
+
+
+def load_hub_dataset(path: str, cache_dir: str | None = None) -> DatasetDict:
+    """A dataset on the Hugging Face hub, by id (needs a network connection the first time)."""
+    try:
+        loaded = load_dataset(path, cache_dir=cache_dir)
+    except Exception as exc:  # the hub client raises many types; all mean "not reachable / not found"
+        raise DataError(
+            f"data.path={path}: could not load this Hugging Face hub dataset ({type(exc).__name__}: {exc}). "
+            f"Check the id and your network, or point data.path at a local ImageFolder or Parquet directory."
+        ) from exc
+    return _standardise_columns(loaded, path)
+
+
+def _load_with_hf(builder: str, kwargs: dict, path: str, cache_dir: str | None) -> DatasetDict:
+    try:
+        loaded = load_dataset(builder, cache_dir=cache_dir, **kwargs)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"data.path={path}: could not read it as {builder} ({type(exc).__name__}: {exc}).") from exc
+    return _standardise_columns(loaded, path)
+
+
+def _standardise_columns(loaded: DatasetDict, path: str) -> DatasetDict:
+    """Rename the image and label columns to ``image``/``label`` and drop everything else."""
+    out = {}
+    for split, ds in loaded.items():
+        image_col = next((c for c, f in ds.features.items() if isinstance(f, Image)), None)
+        label_col = next((c for c, f in ds.features.items() if isinstance(f, ClassLabel)), None)
+        if label_col is None:
+            label_col = next((c for c in ("label", "labels", "class", "target") if c in ds.features), None)
+        if image_col is None or label_col is None:
+            raise DataError(
+                f"data.path={path}: split '{split}' needs an image column and a label column; found columns "
+                f"{sorted(ds.features)} with features {dict(ds.features)}."
+            )
+        ds = ds.select_columns([image_col, label_col])
+        ds = ds.rename_columns({c: n for c, n in ((image_col, "image"), (label_col, "label")) if c != n})
+        if not isinstance(ds.features["label"], ClassLabel):
+            ds = ds.class_encode_column("label")
+        out[SPLIT_ALIASES.get(split, split)] = ds
+    return DatasetDict(out)
+
+
+DATA_SOURCES: dict[str, DataSource] = {
+    "sklearn_digits": DataSource(
+        "sklearn_digits",
+        load_sklearn_digits,
+        "scikit-learn's bundled digits (embedded, offline)",
+        # 8x8 scans: 128 px holds all their detail at a third of 224 px's cost.
+        {"image_size": 128},
+    ),
+    "imagefolder": DataSource("imagefolder", load_image_folder, "local ImageFolder directory"),
+    "parquet": DataSource("parquet", load_parquet_dir, "local Parquet split files"),
+    "hub": DataSource("hub", load_hub_dataset, "Hugging Face hub dataset id"),
+}
+EMBEDDED_PATHS = {"sklearn:digits": "sklearn_digits"}
+
+
+def detect_source(path: str, fmt: str = "auto") -> DataSource:
+    """Pick the source for ``data.path`` (``fmt`` forces one of ``DATA_SOURCES``)."""
+    if fmt != "auto":
+        if fmt not in DATA_SOURCES:
+            raise DataError(f"data.format={fmt} is not known; use auto or one of {sorted(DATA_SOURCES)}.")
+        return DATA_SOURCES[fmt]
+    if path in EMBEDDED_PATHS:
+        return DATA_SOURCES[EMBEDDED_PATHS[path]]
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".parquet":
+        return DATA_SOURCES["parquet"]
+    if p.is_dir():
+        if any(p.glob("*.parquet")):
+            return DATA_SOURCES["parquet"]
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*") if f.is_file()):
+            return DATA_SOURCES["imagefolder"]
+        raise DataError(
+            f"data.path={path}: the directory holds neither images (ImageFolder: DIR/<class>/*.jpg or "
+            f"DIR/<split>/<class>/*.jpg) nor Parquet split files."
+        )
+    if HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+        return DATA_SOURCES["hub"]
+    raise DataError(
+        f"data.path={path}: no such file or directory. Give an ImageFolder directory, a directory of Parquet "
+        f"split files, a Hugging Face hub id (owner/name), or 'sklearn:digits' for the embedded default."
+    )
+
+
+def load_image_dataset(path: str, fmt: str = "auto", cache_dir: str | None = None) -> tuple[DatasetDict, DataSource]:
+    """Load ``path`` into a ``DatasetDict`` of ``image``/``label`` splits; returns it with the source used."""
+    source = detect_source(str(path), fmt)
+    location = path if path in EMBEDDED_PATHS or source.name == "hub" else str(Path(path).expanduser())
+    dsd = source.load(location, cache_dir)
+    if not dsd:
+        raise DataError(f"data.path={path}: no split found.")
+    names = None
+    for split, ds in dsd.items():
+        if len(ds) == 0:
+            raise DataError(f"data.path={path}: split '{split}' is empty.")
+        split_names = ds.features["label"].names
+        if names is not None and split_names != names:
+            raise DataError(
+                f"data.path={path}: split '{split}' has classes {split_names} but another split has {names}; "
+                f"every split must have the same class folders."
+            )
+        names = split_names
+    return dsd, source

@@ -1,0 +1,68 @@
+"""Shared fixtures: everything runs offline on the CPU with real images (scikit-learn digits, skimage photos)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Tests never reach a hub, whatever network the machine has.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def digits_images(n_per_class: int = 12, classes: int = 3) -> list[tuple[Image.Image, int]]:
+    """Real handwritten digits (scikit-learn's bundled scans), as 8-bit grayscale PIL images."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    out = []
+    for cls in range(classes):
+        idx = np.flatnonzero(d.target == cls)[:n_per_class]
+        for i in idx:
+            px = np.clip(np.rint(d.images[i] * 255 / 16), 0, 255).astype(np.uint8)
+            out.append((Image.fromarray(px, mode="L").resize((32, 32), Image.NEAREST), cls))
+    return out
+
+
+def write_image_folder(root: Path, splits: dict[str, int], classes: int = 3) -> Path:
+    """An ImageFolder ``root/<split>/<class>/*.png`` of real digits; ``splits`` maps split name -> images per class."""
+    offset = 0
+    for split, n in splits.items():
+        images = digits_images(offset + n, classes)
+        for k, (img, cls) in enumerate(images):
+            if k % (offset + n) < offset:
+                continue
+            folder = root / split / f"digit{cls}"
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{split}_{k}.png")
+        offset += n
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """Overrides for a fast, isolated run: digits at 32 px, few shots, few epochs, caches and logs under tmp."""
+    return [
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "data.image_size=32",
+        "data.shots_per_class=10",
+        "head.epochs=3",
+        "trainer.progress_bar=false",
+    ]
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"shared dataset {name} not found at {path} (the ../shared/datasets folder is absent)")
+    return path

@@ -1,0 +1,243 @@
+"""Feature-map cache: written once, reused without the backbone, invalidated by any input change, never half-read."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import timm
+
+from fmtransfer.backbone import (
+    FeatureMapExtractor,
+    build_eval_transform,
+    describe_backbone,
+    parse_levels,
+    resolve_data_config,
+)
+from fmtransfer.cache import CacheSpec, FeatureCache, ensure_feature_cache, pool_map
+from fmtransfer.data import prepare_data
+from fmtransfer.errors import CacheError
+
+BACKBONE = "tf_efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return describe_backbone(BACKBONE)
+
+
+@pytest.fixture(scope="module")
+def model(spec):
+    return spec.create()[0]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return prepare_data("sklearn:digits", shots_per_class=3)
+
+
+def build(
+    cache,
+    split,
+    spec,
+    model,
+    *,
+    size=32,
+    levels=("level1", "level4", "pre_logits"),
+    dtype="float16",
+    pool="avg",
+    pool_size=2,
+    builder=None,
+    split_name="train",
+):
+    data_config = resolve_data_config(spec.pretrained_cfg, size)
+    chosen = parse_levels(list(levels), spec.levels)
+    calls = []
+
+    def default_builder():
+        calls.append(1)
+        return FeatureMapExtractor(model, chosen)
+
+    result = ensure_feature_cache(
+        cache,
+        split_name,
+        split,
+        [str(i) for i in range(10)],
+        BACKBONE,
+        spec.weights.identity(),
+        data_config,
+        build_eval_transform(data_config),
+        CacheSpec(tuple(chosen), dtype, pool, pool_size),
+        builder or default_builder,
+        trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False},
+        batch_size=8,
+    )
+    return result, calls
+
+
+def test_extraction_writes_maps_manifest_and_matches_a_direct_forward(tmp_path, spec, model, digits):
+    cache = FeatureCache(tmp_path)
+    split = digits.splits["train"]
+    result, calls = build(cache, split, spec, model, pool="none", dtype="float32")
+    assert not result.hit and calls == [1]
+    entry = result.split
+    m = entry.manifest
+    assert m["num_samples"] == 30 and m["complete"] is True
+    assert m["levels"]["level1"]["shape"] == [24, 8, 8]  # stride 4 at 32 px
+    assert m["levels"]["pre_logits"]["shape"] == [1280]
+    assert m["levels"]["level4"]["bytes_per_image"] == 320 * 1 * 1 * 4
+    assert m["class_names"][:2] == ["0", "1"]
+    assert entry.labels().tolist() == split["label"]
+    # Same numbers as running the backbone directly on the same preprocessed images.
+    from fmtransfer.data import ImageClassificationDataset
+
+    data_config = resolve_data_config(spec.pretrained_cfg, 32)
+    ds = ImageClassificationDataset(split, build_eval_transform(data_config))
+    import torch
+
+    x = torch.stack([ds[i][0] for i in range(4)])
+    with torch.no_grad():
+        direct = FeatureMapExtractor(model, parse_levels(["level1", "pre_logits"], spec.levels))(x)
+    np.testing.assert_allclose(entry.level("level1")[:4], direct["level1"].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(entry.level("pre_logits")[:4], direct["pre_logits"].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_second_request_reuses_the_cache_without_building_the_backbone(tmp_path, spec, model, digits):
+    cache = FeatureCache(tmp_path)
+    first, _ = build(cache, digits.splits["train"], spec, model)
+
+    def must_not_build():
+        raise AssertionError("the backbone was built on a cache hit")
+
+    second, _ = build(cache, digits.splits["train"], spec, model, builder=must_not_build)
+    assert second.hit and second.split.path == first.split.path
+    # A request for a subset of the cached levels is served by the same entry.
+    subset, _ = build(cache, digits.splits["train"], spec, model, levels=("pre_logits",), builder=must_not_build)
+    assert subset.hit and subset.split.path == first.split.path
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"size": 48},
+        {"dtype": "float32"},
+        {"pool": "global"},
+        {"pool_size": 4},
+        {"levels": ("level0", "pre_logits")},
+        {"split_name": "validation"},
+    ],
+)
+def test_any_change_that_alters_the_features_re_extracts(tmp_path, spec, model, digits, change):
+    cache = FeatureCache(tmp_path)
+    first, _ = build(cache, digits.splits["train"], spec, model)
+    second, calls = build(cache, digits.splits["train"], spec, model, **change)
+    assert not second.hit and calls == [1]
+    assert second.split.path != first.split.path
+
+
+def test_different_images_or_weights_re_extract(tmp_path, spec, model, digits):
+    cache = FeatureCache(tmp_path)
+    build(cache, digits.splits["train"], spec, model)
+    other_shots = prepare_data("sklearn:digits", shots_per_class=3, shots_seed=1)
+    result, calls = build(cache, other_shots.splits["train"], spec, model)
+    assert not result.hit and calls == [1]
+    random_spec = describe_backbone(BACKBONE, weights="random")
+    random_model = timm.create_model(BACKBONE)
+    result, calls = build(cache, digits.splits["train"], random_spec, random_model)
+    assert not result.hit and calls == [1]
+
+
+def test_interrupted_extraction_is_never_taken_as_complete(tmp_path, spec, model, digits):
+    cache = FeatureCache(tmp_path)
+    extractor = FeatureMapExtractor(model, parse_levels(["level1", "level4", "pre_logits"], spec.levels))
+    calls = {"n": 0}
+    original_forward = extractor.forward
+
+    def dies_midway(x):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the shape probe, then one real batch, then the "crash"
+            raise RuntimeError("simulated crash mid-extraction")
+        return original_forward(x)
+
+    extractor.forward = dies_midway
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build(cache, digits.splits["train"], spec, model, builder=lambda: extractor)
+    folder = tmp_path / BACKBONE
+    assert not [p for p in folder.iterdir() if p.is_dir()], "nothing may be published or left behind"
+    result, calls2 = build(cache, digits.splits["train"], spec, model)
+    assert not result.hit and calls2 == [1]
+
+
+def test_partial_directory_from_a_killed_process_is_ignored_and_cleaned(tmp_path, spec, model, digits):
+    cache = FeatureCache(tmp_path)
+    first, _ = build(cache, digits.splits["train"], spec, model)
+    # What a SIGKILL mid-extraction leaves: a partial directory, and (worse) an entry without its manifest.
+    key = first.split.manifest["fingerprint"]
+    leftover = first.split.path.parent / f".partial-train-{key}-12345-deadbeef"
+    leftover.mkdir()
+    (leftover / "level1.npy").write_bytes(b"\x93NUMPY half written")
+    (first.split.path / "manifest.json").unlink()
+    result, calls = build(cache, digits.splits["train"], spec, model)
+    assert not result.hit and calls == [1]
+    assert not leftover.exists()
+    assert json.loads((result.split.path / "manifest.json").read_text())["complete"] is True
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_cache_file_is_detected_and_rebuilt(tmp_path, spec, model, digits, damage):
+    cache = FeatureCache(tmp_path)
+    first, _ = build(cache, digits.splits["train"], spec, model)
+    target = first.split.path / "level4.npy"
+    raw = bytearray(target.read_bytes())
+    if damage == "truncate":
+        target.write_bytes(raw[: len(raw) // 2])
+    else:
+        raw[-3] ^= 0xFF
+        target.write_bytes(bytes(raw))
+    result, calls = build(cache, digits.splits["train"], spec, model)
+    assert not result.hit and calls == [1]
+    assert result.split.level("level4").shape[0] == 30
+
+
+def test_two_concurrent_builders_extract_once(tmp_path, spec, model, digits):
+    cache = FeatureCache(tmp_path)
+    calls, results = [], []
+    extractor = FeatureMapExtractor(model, parse_levels(["level1", "level4", "pre_logits"], spec.levels))
+
+    def slow_builder():
+        calls.append(1)
+        time.sleep(0.5)  # widen the race window
+        return extractor
+
+    def worker():
+        results.append(build(cache, digits.splits["train"], spec, model, builder=slow_builder)[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(r.hit for r in results) == [False, True]
+
+
+def test_unwritable_cache_directory_is_a_clear_error(tmp_path, spec, model, digits):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    with pytest.raises(CacheError, match=r"cache\.dir"):
+        build(FeatureCache(blocker / "cache"), digits.splits["train"], spec, model)
+
+
+def test_pooling_modes_bound_the_map_size():
+    import torch
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    assert pool_map(x, "none", 4).shape == (2, 3, 16, 16)
+    assert pool_map(x, "avg", 4).shape == (2, 3, 4, 4)
+    assert pool_map(x, "avg", 32).shape == (2, 3, 16, 16)
+    g = pool_map(x, "global", 4)
+    assert g.shape == (2, 3) and torch.allclose(g, x.mean((2, 3)))
+    assert torch.allclose(pool_map(x, "avg", 4).mean((2, 3)), g), "avg pooling keeps the global mean"

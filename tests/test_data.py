@@ -1,0 +1,144 @@
+"""Data: every source kind, split handling (given vs made), k-shot selection, colour modes, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from PIL import Image
+
+from fmtransfer.data import prepare_data, split_fingerprint, to_rgb
+from fmtransfer.data.sources import detect_source
+from fmtransfer.errors import ConfigError, DataError
+
+from .conftest import digits_images, shared_dataset, write_image_folder
+
+
+def test_embedded_digits_get_stratified_seeded_splits():
+    data = prepare_data("sklearn:digits")
+    sizes = data.sizes()
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == round(1797 * 0.2)
+    assert data.split_source["train"].startswith("given")
+    assert data.split_source["test"].startswith("made from train: 20% stratified, seed 0")
+    test_counts = np.bincount(data.splits["test"]["label"], minlength=10)
+    assert test_counts.min() >= 34 and test_counts.max() <= 38, "test split must be stratified"
+    again = prepare_data("sklearn:digits")
+    assert split_fingerprint(again.splits["test"]) == split_fingerprint(data.splits["test"])
+    other = prepare_data("sklearn:digits", split_seed=1)
+    assert split_fingerprint(other.splits["test"]) != split_fingerprint(data.splits["test"])
+
+
+def test_image_folder_with_given_train_and_val(tmp_path):
+    root = write_image_folder(tmp_path / "folder", {"train": 8, "val": 4})
+    data = prepare_data(str(root), val_fraction=0.2, test_fraction=0.25)
+    assert data.source.name == "imagefolder"
+    assert data.split_source["validation"] == "given"
+    assert data.split_source["test"].startswith("made from train")
+    assert data.sizes() == {"train": 18, "validation": 12, "test": 6}
+    assert data.class_names == ["digit0", "digit1", "digit2"]
+
+
+def test_rename_splits_uses_a_held_out_folder_as_test(tmp_path):
+    root = write_image_folder(tmp_path / "folder", {"train": 10, "val": 4})
+    data = prepare_data(str(root), rename={"validation": "test"}, val_fraction=0.2)
+    assert data.split_source["test"] == "given"
+    assert data.sizes()["test"] == 12
+    assert data.split_source["validation"].startswith("made from train")
+    with pytest.raises(ConfigError, match=r"data\.rename_splits names"):
+        prepare_data(str(root), rename={"nosuch": "test"})
+
+
+def test_parquet_directory_with_all_three_splits(tmp_path):
+    images = digits_images(n_per_class=6, classes=2)
+    from datasets import ClassLabel, Features
+    from datasets import Image as ImageFeature
+
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["zero", "one"])})
+    for split, sl in (("train", slice(0, 4)), ("val", slice(4, 5)), ("test", slice(5, 6))):
+        rows = [im for k, im in enumerate(images) if sl.start <= k % 6 < sl.stop]
+        ds = Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]}, features=features)
+        ds.to_parquet(tmp_path / f"{split}.parquet")
+    data = prepare_data(str(tmp_path))
+    assert data.source.name == "parquet"
+    assert data.split_source == {"train": "given", "validation": "given", "test": "given"}
+    assert data.sizes() == {"train": 8, "validation": 2, "test": 2}
+    assert data.class_names == ["zero", "one"]
+
+
+def test_shots_per_class_subsamples_train_only():
+    data = prepare_data("sklearn:digits", shots_per_class=5, shots_seed=3)
+    labels = np.asarray(data.splits["train"]["label"])
+    assert np.bincount(labels).tolist() == [5] * 10
+    assert data.sizes()["test"] == 359
+    again = prepare_data("sklearn:digits", shots_per_class=5, shots_seed=3)
+    assert split_fingerprint(again.splits["train"]) == split_fingerprint(data.splits["train"])
+    other = prepare_data("sklearn:digits", shots_per_class=5, shots_seed=4)
+    assert split_fingerprint(other.splits["train"]) != split_fingerprint(data.splits["train"])
+
+
+def test_too_many_shots_names_the_option_and_limit():
+    with pytest.raises(DataError, match=r"data.shots_per_class=500.*at most \d+"):
+        prepare_data("sklearn:digits", shots_per_class=500)
+
+
+def test_a_class_with_one_image_cannot_be_split(tmp_path):
+    root = tmp_path / "folder"
+    write_image_folder(root, {"train": 6}, classes=2)
+    lonely = root / "train" / "digit9"
+    lonely.mkdir()
+    digits_images(1, 1)[0][0].save(lonely / "only.png")
+    with pytest.raises(DataError, match="single training image"):
+        prepare_data(str(root))
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [("/no/such/dir", "no such file or directory"), ("./relative/missing", "no such file or directory")],
+)
+def test_bad_paths_are_explained(path, message):
+    with pytest.raises(DataError, match=message):
+        detect_source(path)
+
+
+def test_hub_ids_are_recognised_without_network():
+    assert detect_source("cifar/cifar10-like").name == "hub"
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_every_colour_mode_becomes_rgb(mode):
+    base = digits_images(1, 1)[0][0].convert("RGB")
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    else:
+        img = base.convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == base.size
+    if mode == "I;16":
+        assert np.asarray(out).max() == 255, "16-bit images are rescaled, not clipped"
+
+
+def test_transparent_pixels_become_white():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(img)).min() == 255
+
+
+def test_hymenoptera_folder_splits_as_the_tutorial():
+    root = shared_dataset("hymenoptera")
+    data = prepare_data(str(root), rename={"validation": "test"}, val_fraction=0.2)
+    assert data.sizes()["test"] == 153
+    assert data.sizes()["train"] + data.sizes()["validation"] == 244
+    assert data.class_names == ["ants", "bees"]
+
+
+def test_uiuc_texture_single_folder_gets_made_splits():
+    data = prepare_data(str(shared_dataset("uiuc_texture")), val_fraction=0.15, test_fraction=0.25)
+    assert data.num_classes == 25
+    assert data.sizes()["test"] == 250
+    assert data.split_source["validation"].startswith("made from train")
+
+
+def test_pneumoniamnist_parquet_splits_are_given():
+    data = prepare_data(str(shared_dataset("pneumoniamnist")))
+    assert data.sizes() == {"train": 4708, "validation": 524, "test": 624}
+    assert data.class_names == ["normal", "pneumonia"]

@@ -1,0 +1,84 @@
+"""End to end: config -> data -> cached maps -> head -> metrics.json, through the real CLI too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmtransfer.cli.config import compose_config
+from fmtransfer.regimes import run_frozen
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_frozen_run_writes_metrics_and_reuses_its_cache(tmp_path, tiny_overrides):
+    cfg = compose_config(tiny_overrides)
+    first = run_frozen(cfg, tmp_path / "run1")
+    assert first["cache"]["hit"] is False and first["cache"]["extract_seconds"] > 0
+    for split in ("val", "test"):
+        assert set(first[split]) == {"acc", "f1_macro", "balanced_acc"}
+        assert all(0.0 <= v <= 1.0 for v in first[split].values())
+    assert first["test"]["acc"] > 0.5, "10 shots of real digits with ImageNet features beat chance (0.1) by far"
+    assert first["split_source"]["test"].startswith("made from train")
+    assert "10 shots per class" in first["split_source"]["train"]
+    assert first["split_sizes"]["train"] == 100
+    run1 = tmp_path / "run1"
+    assert json.loads((run1 / "metrics.json").read_text()) == first
+    assert (run1 / "config.yaml").is_file() and (run1 / "checkpoints" / "best.ckpt").is_file()
+    assert (run1 / "csv" / "metrics.csv").is_file()
+
+    second = run_frozen(cfg, tmp_path / "run2")
+    assert second["cache"]["hit"] is True and second["cache"]["extract_seconds"] == 0
+    assert second["cache"]["dir"] == first["cache"]["dir"]
+    # Same config and seed on the CPU: identical numbers.
+    assert second["test"] == first["test"] and second["val"] == first["val"]
+
+
+def test_switching_heads_reuses_the_cache(tmp_path, tiny_overrides):
+    run_frozen(compose_config([*tiny_overrides, "head=multilayer"]), tmp_path / "a")
+    for head in ("linear", "mlp"):
+        metrics = run_frozen(compose_config([*tiny_overrides, f"head={head}"]), tmp_path / head)
+        assert metrics["cache"]["hit"] is True
+        assert metrics["head"]["name"] == head and metrics["head"]["levels"] == ["pre_logits"]
+
+
+def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "fmtransfer.cli.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_prints_the_run_dir_last(tmp_path, tiny_overrides):
+    proc = _cli([*tiny_overrides, f"hydra.run.dir={tmp_path / 'cli-run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == f"run dir: {tmp_path / 'cli-run'}"
+    metrics = json.loads((tmp_path / "cli-run" / "metrics.json").read_text())
+    assert metrics["regime"] == "frozen"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.path=/no/such/folder", "data.path=/no/such/folder: no such file or directory"),
+        ("cache.levels=[level9]", "feature level 'level9' is not known"),
+        ("backbone.name=tf_efficientnet_lite", "Did you mean"),
+        ("data.shots_per_class=1000", "data.shots_per_class=1000"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line_not_a_traceback(tmp_path, tiny_overrides, override, message):
+    proc = _cli([*tiny_overrides, override, f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
