@@ -7,13 +7,27 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.cli.config import config_dir
 from fmtransfer.errors import FmtransferError
 from fmtransfer.regimes import run_frozen
 
 REGIMES = {"frozen": run_frozen}
+
+
+def resume_target(path: str) -> tuple[Path, DictConfig]:
+    """The interrupted run's directory and its saved (resolved) config, so it continues exactly as it started."""
+    run_dir = Path(path).expanduser()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FmtransferError(f"resume={path}: no config.yaml there; give the run dir an interrupted run printed.")
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise FmtransferError(
+            f"resume={path}: no checkpoints/last.ckpt; the run stopped before its first epoch "
+            f"ended, so start it again without resume."
+        )
+    return run_dir, OmegaConf.load(saved)
 
 
 def summarise(metrics: dict) -> str:
@@ -33,8 +47,11 @@ def summarise(metrics: dict) -> str:
 def train(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        if cfg.get("resume"):
+            run_dir, cfg = resume_target(str(cfg.resume))
         if cfg.regime not in REGIMES:
             raise FmtransferError(f"regime={cfg.regime} is not known; choose one of {sorted(REGIMES)}.")
+        print(f"[run] {cfg.regime} regime, writing to {run_dir} (resume an interrupted run with resume={run_dir})")
         metrics = REGIMES[cfg.regime](cfg, run_dir)
     except FmtransferError as exc:
         # Bad input gets one clear sentence, not a stack trace.

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
+from fmtransfer.data.validate import check_image_folder
 from fmtransfer.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -41,6 +42,8 @@ class DataSource:
     # Preprocessing that suits this source better than the backbone's defaults, e.g. {"image_size": 128,
     # "crop_pct": 1.0} for tiny images whose content reaches the border; used where the config says ``auto``.
     preferred_preprocessing: dict = field(default_factory=dict)
+    # Checks of the raw location that the loader would hide (returns notes; raises DataError on problems).
+    inspect: Callable[[str], list[str]] | None = None
 
 
 def load_sklearn_digits(path: str, cache_dir: str | None = None) -> DatasetDict:
@@ -127,7 +130,12 @@ DATA_SOURCES: dict[str, DataSource] = {
         # 8x8 scans: 128 px holds all their detail at a third of 224 px's cost.
         {"image_size": 128},
     ),
-    "imagefolder": DataSource("imagefolder", load_image_folder, "local ImageFolder directory"),
+    "imagefolder": DataSource(
+        "imagefolder",
+        load_image_folder,
+        "local ImageFolder directory",
+        inspect=lambda path: check_image_folder(Path(path), IMAGE_SUFFIXES),
+    ),
     "parquet": DataSource("parquet", load_parquet_dir, "local Parquet split files"),
     "hub": DataSource("hub", load_hub_dataset, "Hugging Face hub dataset id"),
 }
@@ -162,10 +170,16 @@ def detect_source(path: str, fmt: str = "auto") -> DataSource:
     )
 
 
-def load_image_dataset(path: str, fmt: str = "auto", cache_dir: str | None = None) -> tuple[DatasetDict, DataSource]:
-    """Load ``path`` into a ``DatasetDict`` of ``image``/``label`` splits; returns it with the source used."""
+def load_image_dataset(
+    path: str, fmt: str = "auto", cache_dir: str | None = None
+) -> tuple[DatasetDict, DataSource, list[str]]:
+    """Load ``path`` into a ``DatasetDict`` of ``image``/``label`` splits.
+
+    Returns it with the source used and notes from inspecting the raw location (e.g. ignored files).
+    """
     source = detect_source(str(path), fmt)
     location = path if path in EMBEDDED_PATHS or source.name == "hub" else str(Path(path).expanduser())
+    notes = source.inspect(location) if source.inspect else []
     dsd = source.load(location, cache_dir)
     if not dsd:
         raise DataError(f"data.path={path}: no split found.")
@@ -180,4 +194,4 @@ def load_image_dataset(path: str, fmt: str = "auto", cache_dir: str | None = Non
                 f"every split must have the same class folders."
             )
         names = split_names
-    return dsd, source
+    return dsd, source, notes

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmtransfer.errors import FmtransferError
 from fmtransfer.metrics import classification_metrics
+
+
+class NonFiniteLossError(FmtransferError):
+    """The training loss became NaN or infinite."""
 
 
 class HeadClassifier(pl.LightningModule):
@@ -45,7 +50,7 @@ class HeadClassifier(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         _, labels, loss = self._loss(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
                 f"lower head.lr (now {self.hparams.lr}) or check the inputs for NaN/inf."
             )

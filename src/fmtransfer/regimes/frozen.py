@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -42,6 +44,7 @@ def load_data(cfg: DictConfig) -> PreparedData:
         d.shots_per_class,
         d.shots_seed,
         cache_dir=str(Path(cfg.paths.data_dir) / "hf"),
+        skip_bad=cfg.data.skip_bad,
     )
 
 
@@ -98,7 +101,7 @@ def cache_features(
             transform,
             cache_spec,
             build_extractor,
-            trainer_kwargs=trainer_device_kwargs(cfg),
+            trainer_kwargs={**trainer_device_kwargs(cfg), "enable_progress_bar": cfg.trainer.progress_bar},
             batch_size=cfg.cache.batch_size,
             num_workers=cfg.data.num_workers,
             extra_manifest={"weights": spec.weights.label, "split_source": data.split_source[split]},
@@ -107,9 +110,17 @@ def cache_features(
 
 
 def train_head(
-    cfg: DictConfig, caches: dict[str, CacheResult], head_levels: list[str], num_classes: int, run_dir: Path
+    cfg: DictConfig,
+    caches: dict[str, CacheResult],
+    head_levels: list[str],
+    num_classes: int,
+    run_dir: Path,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> dict:
-    """Fit the head on cached train maps, select on validation, evaluate test once; returns val/test metrics."""
+    """Fit the head on cached train maps, select on validation, evaluate test once; returns val/test metrics.
+
+    With a ``checkpoints/last.ckpt`` in ``run_dir`` from an interrupted run, training resumes from it.
+    """
     sets = {s: PooledFeatureDataset.from_cache(caches[s].split, head_levels) for s in SPLITS}
     head = build_head(cfg.head.name, sets["train"].dims, num_classes, **OmegaConf.to_container(cfg.head.options))
     head.normalizer.fit(sets["train"].features)
@@ -127,6 +138,7 @@ def train_head(
         monitor=cfg.head.monitor,
         mode=cfg.head.monitor_mode,
         save_top_k=1,
+        save_last=True,  # an interrupted run resumes from here
     )
     trainer = pl.Trainer(
         **trainer_device_kwargs(cfg),
@@ -134,13 +146,21 @@ def train_head(
         max_epochs=cfg.head.epochs,
         deterministic=cfg.trainer.deterministic,
         logger=CSVLogger(run_dir, name="csv", version=""),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *callbacks],
         enable_model_summary=False,
         log_every_n_steps=1,
-        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_progress_bar=False,  # head training takes seconds: a per-epoch bar would only flood the log
     )
     bs = cfg.head.batch_size
-    trainer.fit(module, feature_loader(sets["train"], bs, shuffle=True), feature_loader(sets["validation"], bs, False))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"[train] resuming from {last}")
+    trainer.fit(
+        module,
+        feature_loader(sets["train"], bs, shuffle=True),
+        feature_loader(sets["validation"], bs, False),
+        ckpt_path=str(last) if last.is_file() else None,
+    )
     # Model selection used validation only; the test split is evaluated once, with the selected checkpoint.
     val = trainer.validate(module, feature_loader(sets["validation"], bs, False), ckpt_path="best", verbose=False)[0]
     test = trainer.test(module, feature_loader(sets["test"], bs, False), ckpt_path="best", verbose=False)[0]
@@ -153,8 +173,11 @@ def train_head(
     }
 
 
-def run_frozen(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole frozen regime; writes ``metrics.json`` and the resolved config into ``run_dir``."""
+def run_frozen(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """The whole frozen regime; writes ``metrics.json`` and the resolved config into ``run_dir``.
+
+    Run again on the same ``run_dir`` (``make train ARGS="resume=<run dir>"``) to resume an interrupted run.
+    """
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -170,7 +193,7 @@ def run_frozen(cfg: DictConfig, run_dir: Path) -> dict:
     print(f"[cache] {'hit: reusing' if hit else 'built'} {caches['train'].split.path.parent}")
     t_train = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    results = train_head(cfg, caches, [lv.name for lv in head_levels], data.num_classes, run_dir)
+    results = train_head(cfg, caches, [lv.name for lv in head_levels], data.num_classes, run_dir, callbacks)
     train_seconds = time.perf_counter() - t_train
     metrics = {
         "regime": "frozen",
@@ -188,6 +211,7 @@ def run_frozen(cfg: DictConfig, run_dir: Path) -> dict:
         "total_seconds": round(time.perf_counter() - start, 3),
         "split_source": data.split_source,
         "split_sizes": data.sizes(),
+        "skipped_images": [asdict(b) for b in data.skipped],
         "class_names": data.class_names,
         "backbone": {"name": spec.name, "weights": spec.weights.label, "weights_identity": spec.weights.identity()},
         "image_size": list(data_config["input_size"]),
