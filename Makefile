@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv train test lint format clean-cache clean
+.PHONY: help venv train compare test lint format clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -27,6 +27,9 @@ venv: $(STAMP)  ## create/update the virtualenv
 
 train: $(STAMP)  ## train a head on cached feature maps (default: embedded digits, offline); ARGS="experiment=hymenoptera head=multilayer"
 	$(PY) -m fmtransfer.cli.train $(ARGS)
+
+compare: $(STAMP)  ## frozen vs partial vs finetune vs scratch over seeds and shots -> report; ARGS="experiment=hymenoptera"
+	$(PY) -m fmtransfer.cli.compare $(ARGS)
 
 test: $(STAMP)  ## run the test suite (offline, CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)

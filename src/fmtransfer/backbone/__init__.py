@@ -11,6 +11,7 @@ from fmtransfer.backbone.model import (
     describe_levels,
     parse_levels,
 )
+from fmtransfer.backbone.split import SUFFIX_BUILDERS, build_suffix, split_level
 from fmtransfer.backbone.transforms import build_eval_transform, build_train_transform, resolve_data_config
 from fmtransfer.backbone.weights import (
     PACKAGED_WEIGHTS,
@@ -24,6 +25,7 @@ from fmtransfer.backbone.weights import (
 __all__ = [
     "PACKAGED_WEIGHTS",
     "PRE_LOGITS",
+    "SUFFIX_BUILDERS",
     "BackboneSpec",
     "FeatureMapExtractor",
     "FrozenModule",
@@ -31,6 +33,7 @@ __all__ = [
     "WeightsInfo",
     "WeightsSource",
     "build_eval_transform",
+    "build_suffix",
     "build_train_transform",
     "check_model_name",
     "describe_backbone",
@@ -39,5 +42,6 @@ __all__ = [
     "parse_levels",
     "resolve_data_config",
     "resolve_weights_source",
+    "split_level",
     "state_dict_checksum",
 ]

@@ -10,10 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.cli.config import config_dir
+from fmtransfer.cli.quiet import quiet_libraries
 from fmtransfer.errors import FmtransferError
-from fmtransfer.regimes import run_frozen
-
-REGIMES = {"frozen": run_frozen}
+from fmtransfer.regimes import REGIMES
 
 
 def resume_target(path: str) -> tuple[Path, DictConfig]:
@@ -31,21 +30,27 @@ def resume_target(path: str) -> tuple[Path, DictConfig]:
 
 
 def summarise(metrics: dict) -> str:
-    t, v, c, b, h = (metrics[k] for k in ("test", "val", "cache", "backbone", "head"))
-    return "\n".join(
-        [
-            f"backbone  {b['name']} ({b['weights']}), head {h['name']} on {', '.join(h['levels'])}",
-            f"cache     {'hit' if c['hit'] else 'built'} ({c['extract_seconds']:.1f} s extracting) {c['dir']}",
-            f"val       acc {v['acc']:.4f}  f1_macro {v['f1_macro']:.4f}  balanced_acc {v['balanced_acc']:.4f}",
-            f"test      acc {t['acc']:.4f}  f1_macro {t['f1_macro']:.4f}  balanced_acc {t['balanced_acc']:.4f}",
-            f"time      head training {metrics['train_seconds']:.1f} s, run total {metrics['total_seconds']:.1f} s",
-        ]
-    )
+    """The few lines a person reads after a run."""
+    t, v, b = metrics["test"], metrics["val"], metrics["backbone"]
+    lines = [f"regime    {metrics['regime']}: backbone {b['name']} ({b['weights']})"]
+    if "head" in metrics:
+        lines.append(f"head      {metrics['head']['name']} on {', '.join(metrics['head']['levels'])}")
+    if "cache" in metrics:
+        c = metrics["cache"]
+        lines.append(f"cache     {'hit' if c['hit'] else 'built'} ({c['extract_seconds']:.1f} s extracting) {c['dir']}")
+    lines += [
+        f"val       acc {v['acc']:.4f}  f1_macro {v['f1_macro']:.4f}  balanced_acc {v['balanced_acc']:.4f}",
+        f"test      acc {t['acc']:.4f}  f1_macro {t['f1_macro']:.4f}  balanced_acc {t['balanced_acc']:.4f}",
+        f"time      training {metrics['train_seconds']:.1f} s ({metrics['epochs']} epochs, "
+        f"{metrics['trainable_params']:,} trainable parameters), run total {metrics['total_seconds']:.1f} s",
+    ]
+    return "\n".join(lines)
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet_libraries()
     try:
         if cfg.get("resume"):
             run_dir, cfg = resume_target(str(cfg.resume))

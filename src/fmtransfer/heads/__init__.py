@@ -1,6 +1,7 @@
 """Heads stage: small classifiers trained on cached (pooled) feature maps."""
 
-from fmtransfer.heads.data import PooledFeatureDataset, feature_loader, pooled_level
+from fmtransfer.heads.data import CachedMapDataset, PooledFeatureDataset, feature_loader, pooled_level
+from fmtransfer.heads.fit import fit_probe_in_place
 from fmtransfer.heads.heads import (
     HEADS,
     FeatureNormalizer,
@@ -13,6 +14,7 @@ from fmtransfer.heads.module import HeadClassifier
 
 __all__ = [
     "HEADS",
+    "CachedMapDataset",
     "FeatureNormalizer",
     "HeadClassifier",
     "LinearProbeHead",
@@ -21,5 +23,6 @@ __all__ = [
     "PooledFeatureDataset",
     "build_head",
     "feature_loader",
+    "fit_probe_in_place",
     "pooled_level",
 ]

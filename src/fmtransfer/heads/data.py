@@ -58,3 +58,25 @@ def _whole_batch(batch):
 def feature_loader(dataset: PooledFeatureDataset, batch_size: int, shuffle: bool) -> DataLoader:
     """A DataLoader that indexes the in-memory tensors once per batch (no per-sample Python work)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch, num_workers=0)
+
+
+class CachedMapDataset(Dataset):
+    """Full-resolution cached maps of one level (kept float16 in memory), served as float32 batches."""
+
+    def __init__(self, maps: torch.Tensor, labels: torch.Tensor):
+        self.maps = maps
+        self.labels = labels
+
+    @classmethod
+    def from_cache(cls, split: CachedSplit, level: str) -> CachedMapDataset:
+        return cls(torch.from_numpy(np.ascontiguousarray(split.level(level))), torch.from_numpy(split.labels()))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.maps[index].float(), self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        return self.maps[idx].float(), self.labels[idx]

@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from fmtransfer.errors import FmtransferError
 from fmtransfer.metrics import classification_metrics
@@ -18,8 +19,9 @@ class NonFiniteLossError(FmtransferError):
 class HeadClassifier(pl.LightningModule):
     """Cross-entropy training of ``head``; logs loss and the three metrics for val and test.
 
-    ``features`` maps a batch's inputs to the head's input; identity for cached features, a frozen backbone for the
-    live variant (the same head sees the same features either way).
+    ``features`` maps a batch's inputs to the head's input: absent for cached features, a frozen backbone when the
+    backbone runs live, or a trainable (part of a) backbone in the partial/finetune/scratch regimes. Its trainable
+    parameters get ``backbone_lr`` (default: ``lr``). The test confusion matrix is kept in ``test_confusion``.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class HeadClassifier(pl.LightningModule):
         max_epochs: int = 50,
         label_smoothing: float = 0.0,
         features: nn.Module | None = None,
+        backbone_lr: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["head", "features"])
@@ -38,6 +41,8 @@ class HeadClassifier(pl.LightningModule):
         self.features = features
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
+        self.test_confusion_metric = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion: list[list[int]] | None = None
 
     def forward(self, inputs) -> torch.Tensor:
         return self.head(self.features(inputs) if self.features is not None else inputs)
@@ -61,16 +66,27 @@ class HeadClassifier(pl.LightningModule):
         self._eval_step(batch, self.val_metrics, "val/loss")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test/loss")
+        logits = self._eval_step(batch, self.test_metrics, "test/loss")
+        self.test_confusion_metric.update(logits, batch[1])
 
-    def _eval_step(self, batch, metrics, loss_name: str) -> None:
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_confusion_metric.compute().tolist()
+        self.test_confusion_metric.reset()
+
+    def _eval_step(self, batch, metrics, loss_name: str) -> torch.Tensor:
         logits, labels, loss = self._loss(batch)
         metrics.update(logits, labels)
         self.log(loss_name, loss, on_step=False, on_epoch=True, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True)
+        return logits
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # Optimisers only ever see trainable parameters; a trainable backbone part gets its own (lower) LR.
+        groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": self.hparams.lr}]
+        if self.features is not None:
+            backbone = [p for p in self.features.parameters() if p.requires_grad]
+            if backbone:
+                groups.append({"params": backbone, "lr": self.hparams.backbone_lr or self.hparams.lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.hparams.max_epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

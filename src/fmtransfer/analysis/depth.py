@@ -1,0 +1,38 @@
+"""Transfer by depth: a linear probe on each cached level (globally pooled), and on all of them concatenated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fmtransfer.cache import CachedSplit
+from fmtransfer.heads import LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
+
+ALL_LEVELS = "all levels"
+
+
+def probe_accuracy(
+    train: PooledFeatureDataset, evaluate: PooledFeatureDataset, levels: Sequence[str], steps: int = 300
+) -> float:
+    """Accuracy on ``evaluate`` of a linear probe fitted on ``train`` (both restricted to ``levels``)."""
+    torch.manual_seed(0)
+    head = LinearProbeHead({n: train.dims[n] for n in levels}, int(train.labels.max()) + 1, balance_levels=True)
+    fit_probe_in_place(head, {n: train.features[n] for n in levels}, train.labels, steps=steps)
+    head.eval()
+    with torch.no_grad():
+        pred = head({n: evaluate.features[n] for n in levels}).argmax(1)
+    return float((pred == evaluate.labels).float().mean())
+
+
+def transfer_by_depth(train: CachedSplit, evaluate: CachedSplit, levels: Sequence[str] | None = None) -> dict:
+    """``{level: accuracy}`` for each level and for their concatenation (key ``"all levels"``), shallow to deep.
+
+    Fit on ``train``, scored on ``evaluate``: pass the validation split so the test split stays untouched.
+    """
+    levels = list(levels or train.level_names)
+    tr = PooledFeatureDataset.from_cache(train, levels)
+    ev = PooledFeatureDataset.from_cache(evaluate, levels)
+    out = {n: round(probe_accuracy(tr, ev, [n]), 6) for n in levels}
+    out[ALL_LEVELS] = round(probe_accuracy(tr, ev, levels), 6)
+    return out

@@ -1,0 +1,51 @@
+"""``make compare``: every regime x seed x shots on one dataset, then the evaluation report.
+
+Prints ``report dir: <path>`` last. Without a GPU the CPU preset is chosen automatically, and the run says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from fmtransfer.cli.config import compose_config, config_dir
+from fmtransfer.cli.quiet import quiet_libraries
+from fmtransfer.errors import FmtransferError
+
+
+def resolve_preset(overrides: list[str]) -> DictConfig:
+    """Compose once to read the presets, then again with the chosen preset's overrides before the user's."""
+    cfg = compose_config(overrides, name="compare")
+    preset = cfg.compare.preset
+    if preset == "auto":
+        preset = "full" if torch.cuda.is_available() else "cpu"
+        if preset == "cpu":
+            print("[compare] no GPU found: using the CPU preset (compare.preset=full to force the full settings)")
+    if preset not in cfg.compare.presets:
+        raise FmtransferError(
+            f"compare.preset={preset} is not known; choose auto or one of {sorted(cfg.compare.presets)}."
+        )
+    final = compose_config([*cfg.compare.presets[preset], f"compare.preset={preset}", *overrides], name="compare")
+    final.compare.preset_note = str(final.compare.preset_notes[preset])
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fmtransfer.report.compare import run_comparison
+
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
+    try:
+        cfg = resolve_preset(overrides)
+        report_dir = run_comparison(cfg, config_dir().parent)
+    except FmtransferError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"report dir: {Path(report_dir).resolve()}")
+
+
+if __name__ == "__main__":
+    main()

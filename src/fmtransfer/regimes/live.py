@@ -1,0 +1,98 @@
+"""Regimes that run (part of) the backbone every step: finetune and scratch, plus shared pieces for partial."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, build_eval_transform, build_train_transform
+from fmtransfer.cache import CacheSpec
+from fmtransfer.data import ImageClassificationDataset
+from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
+from fmtransfer.regimes.common import SPLITS, RunContext, fit_and_evaluate, start_run
+
+
+def image_loaders(ctx: RunContext, batch_size: int, augment: bool) -> dict[str, DataLoader]:
+    """Decoded-image loaders: timm's training augmentation on train (if ``augment``), eval transform elsewhere."""
+    train_tf = build_train_transform(ctx.data_config) if augment else build_eval_transform(ctx.data_config)
+    eval_tf = build_eval_transform(ctx.data_config)
+    workers = ctx.cfg.data.num_workers
+    return {
+        s: DataLoader(
+            ImageClassificationDataset(ctx.data.splits[s], train_tf if s == "train" else eval_tf),
+            batch_size=batch_size,
+            shuffle=s == "train",
+            drop_last=s == "train" and len(ctx.data.splits[s]) > batch_size,  # no 1-image BatchNorm batches
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+        for s in SPLITS
+    }
+
+
+def pre_logits_head(ctx: RunContext, probe_init: bool) -> LinearProbeHead:
+    """A linear head on ``pre_logits``; with ``probe_init`` it starts as a probe fitted on the frozen features (LP-FT).
+
+    The frozen pre-logits come from the feature cache (a hit when the frozen regime ran with the same settings).
+    """
+    pre = next(lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS)
+    head = LinearProbeHead({PRE_LOGITS: pre.channels}, ctx.data.num_classes)
+    if probe_init:
+        cfg = ctx.cfg
+        spec = CacheSpec((pre,), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size)
+        train = ctx.cache_splits([pre], spec)["train"].split
+        data = PooledFeatureDataset.from_cache(train, [PRE_LOGITS])
+        loss = fit_probe_in_place(head, data.features, data.labels)
+        print(f"[{cfg.regime}] head initialised from a linear probe on frozen pre_logits (train loss {loss:.3f})")
+    return head
+
+
+class PreLogitsOf(nn.Module):
+    """Adapts a module returning the pooled vector (a backbone suffix) to the heads' ``{level: tensor}`` input."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {PRE_LOGITS: self.module(x).flatten(1)}
+
+
+def run_whole_backbone(
+    cfg: DictConfig, run_dir: Path, regime: str, pretrained: bool, callbacks: Sequence[pl.Callback] = ()
+) -> dict:
+    """Train the whole backbone and a linear head on augmented images (finetune: pretrained; scratch: random)."""
+    rc = cfg.regimes[regime]
+    ctx = start_run(cfg, run_dir, weights=None if pretrained else "random", image_size=rc.image_size)
+    head = pre_logits_head(ctx, probe_init=pretrained and rc.lp_ft)
+    model, info = ctx.spec.create()
+    pre = [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]
+    module = HeadClassifier(
+        head,
+        ctx.data.num_classes,
+        lr=rc.lr,
+        backbone_lr=rc.backbone_lr,
+        weight_decay=rc.weight_decay,
+        max_epochs=rc.epochs,
+        features=FeatureMapExtractor(model, pre),
+    )
+    results = fit_and_evaluate(
+        cfg, module, image_loaders(ctx, rc.batch_size, augment=True), run_dir, rc.epochs, callbacks=callbacks
+    )
+    return ctx.metrics(regime, results, regime_config=dict(rc), weights=info.detail)
+
+
+def run_finetune(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """Fine-tune the whole pretrained backbone (lower LR than the head), optionally from a linear probe (LP-FT)."""
+    return run_whole_backbone(cfg, run_dir, "finetune", pretrained=True, callbacks=callbacks)
+
+
+def run_scratch(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """The same architecture from random initialisation, everything trained, with augmentation."""
+    return run_whole_backbone(cfg, run_dir, "scratch", pretrained=False, callbacks=callbacks)

@@ -1,0 +1,195 @@
+"""``report.md`` (figures beside it) and a self-contained ``report.html`` (figures embedded), from ``results``."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from fmtransfer.report import plots
+
+MEMORY_KINDS = {"gpu_max_allocated": "GPU", "cpu_rss_increase": "RSS"}
+METRIC_LABELS = {"acc": "accuracy", "f1_macro": "macro-F1", "balanced_acc": "balanced accuracy"}
+
+
+def fmt_summary(s: dict, digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['ci95'][0]:.{digits}f}, {s['ci95'][1]:.{digits}f}]"
+
+
+def regime_table(summary: dict, shots: str) -> list[list[str]]:
+    header = [
+        "regime",
+        *(f"test {METRIC_LABELS[m]}" for m in METRIC_LABELS),
+        "val accuracy",
+        "trainable params",
+        "train time (s)",
+        "s / epoch",
+        "epochs",
+        "image size",
+        "peak memory (MB)",
+    ]
+    rows = [header]
+    for regime, by in summary.items():
+        if shots not in by:
+            continue
+        s = by[shots]
+        rows.append(
+            [
+                regime,
+                *(fmt_summary(s["test"][m]) for m in METRIC_LABELS),
+                fmt_summary(s["val"]["acc"]),
+                f"{s['trainable_params']:,}",
+                f"{s['train_seconds']['mean']:.1f} ± {s['train_seconds']['std']:.1f}",
+                f"{s['seconds_per_epoch']['mean']:.2f}",
+                f"{s['epochs']['mean']:.0f}",
+                f"{s['image_size'][-1]} px",
+                f"{s['peak_memory_bytes']['mean'] / 2**20:.0f} ({MEMORY_KINDS.get(s['peak_memory_kind'], '?')})",
+            ]
+        )
+    return rows
+
+
+def shots_table(summary: dict) -> list[list[str]]:
+    keys = sorted({k for by in summary.values() for k in by}, key=lambda k: float("inf") if k == "all" else int(k))
+    rows = [["regime", *(f"{k} / class" for k in keys)]]
+    for regime, by in summary.items():
+        rows.append(
+            [
+                regime,
+                *(
+                    f"{by[k]['test']['acc']['mean']:.3f} ± {by[k]['test']['acc']['std']:.3f}" if k in by else "–"
+                    for k in keys
+                ),
+            ]
+        )
+    return rows
+
+
+def figures(results: dict) -> dict[str, tuple[str, bytes]]:
+    """name -> (caption, PNG) for every figure the data supports."""
+    shots = results["verdict"]["shots"]
+    winner = results["verdict"]["winner"]
+    first_seed = {r["regime"]: Path(r["run_dir"]) for r in reversed(results["runs"]) if r["shots_per_class"] == shots}
+    out = {
+        "learning_curves": (
+            f"Learning curves ({shots} shots, seed {min(r['seed'] for r in results['runs'])})",
+            plots.learning_curves(dict(sorted(first_seed.items()))),
+        )
+    }
+    confusion = [
+        r["test_confusion"]
+        for r in results["runs"]
+        if r["regime"] == winner and r["shots_per_class"] == shots and r["test_confusion"]
+    ]
+    if confusion:
+        total = [[sum(m[i][j] for m in confusion) for j in range(len(confusion[0]))] for i in range(len(confusion[0]))]
+        out["confusion"] = (
+            f"Test confusion matrix of the winner ({winner}), summed over {len(confusion)} seeds",
+            plots.confusion_matrix(total, results["class_names"], f"{winner}: test split"),
+        )
+    if len({r["shots_per_class"] for r in results["runs"]}) > 1:
+        out["shots"] = (
+            "Test accuracy against training images per class (mean ± std over seeds)",
+            plots.accuracy_vs_shots(results["summary"]),
+        )
+    depth = results.get("transfer_by_depth")
+    if depth:
+        out["depth"] = (
+            f"Transfer by depth: linear probe on each cached level, fitted on train, scored on {depth['split']}",
+            plots.depth_curve(depth["accuracy"], depth["split"]),
+        )
+    return out
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_inline(text: str) -> str:
+    """The verdict's **bold** and list markers as HTML."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split("**")
+        s = "".join(f"<b>{html.escape(p)}</b>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+        out.append(f"<li>{s[2:]}</li>" if line.startswith("- ") else f"<p>{s}</p>")
+    return "\n".join(out).replace("</p>\n<li>", "</p>\n<ul><li>", 1).replace("</li>\n<p>", "</li></ul>\n<p>") + (
+        "</ul>" if out and out[-1].startswith("<li>") else ""
+    )
+
+
+def sections(results: dict) -> list[tuple[str, str]]:
+    """(title, markdown body) pairs shared by both renderings (tables are added per format)."""
+    env = results["environment"]
+    return [
+        (
+            "Setup",
+            f"Dataset `{results['dataset']}`, backbone `{results['backbone']}` (frozen regime head: "
+            f"`{results['frozen_head']}`), preset **{results['preset']}**: {results['preset_note']} "
+            f"Same splits for every run (split seed fixed); seeds {sorted({r['seed'] for r in results['runs']})}. "
+            f"Checkpoints are selected on the validation split; each run touches the test split once. "
+            f"Numbers are mean ± std [95% CI] over seeds.",
+        ),
+        ("Environment", ", ".join(f"{k}: {v}" for k, v in env.items())),
+    ]
+
+
+def write_report(results: dict, report_dir: Path) -> None:
+    """Write ``report.md`` + ``figures/*.png`` and a standalone ``report.html``."""
+    shots = results["verdict"]["shots"]
+    figs = figures(results)
+    fig_dir = report_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    for name, (_, png) in figs.items():
+        (fig_dir / f"{name}.png").write_bytes(png)
+    setup, env = sections(results)
+    title = f"Regime comparison: {results['name']}"
+    table_title = f"Regimes ({'all training images' if shots == 'all' else f'{shots} images per class'}, test split)"
+
+    md = [
+        f"# {title}",
+        "",
+        "## Verdict",
+        "",
+        results["verdict"]["text"],
+        "",
+        f"## {setup[0]}",
+        "",
+        setup[1],
+        "",
+        f"## {table_title}",
+        "",
+        _md_table(regime_table(results["summary"], shots)),
+        "",
+        "## Test accuracy by shots per class",
+        "",
+        _md_table(shots_table(results["summary"])),
+        "",
+    ]
+    for name, (caption, _) in figs.items():
+        md += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
+    md += [f"## {env[0]}", "", env[1], "", "Every number above is in `results.json`.", ""]
+    (report_dir / "report.md").write_text("\n".join(md))
+
+    imgs = "".join(
+        f"<h3>{html.escape(c)}</h3><img alt='{html.escape(c)}' src='data:image/png;base64,"
+        f"{base64.b64encode(png).decode()}'/>"
+        for c, png in figs.values()
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;font-size:13px;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+th{{background:#f3f3f3}}img{{max-width:100%;border:1px solid #eee}}code{{background:#f3f3f3}}</style></head><body>
+<h1>{html.escape(title)}</h1><h2>Verdict</h2>{_md_inline(results["verdict"]["text"])}
+<h2>{setup[0]}</h2>{_md_inline(setup[1])}
+<h2>{html.escape(table_title)}</h2>{_html_table(regime_table(results["summary"], shots))}
+<h2>Test accuracy by shots per class</h2>{_html_table(shots_table(results["summary"]))}
+{imgs}<h2>{env[0]}</h2><p>{html.escape(env[1])}</p><p>Every number above is in results.json.</p></body></html>"""
+    (report_dir / "report.html").write_text(page)
