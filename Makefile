@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv train compare test lint format clean-cache clean
+.PHONY: help venv train compare analyze notebook test lint format clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -31,14 +31,20 @@ train: $(STAMP)  ## train a head on cached feature maps (default: embedded digit
 compare: $(STAMP)  ## frozen vs partial vs finetune vs scratch over seeds and shots -> report; ARGS="experiment=hymenoptera"
 	$(PY) -m fmtransfer.cli.compare $(ARGS)
 
+analyze: $(STAMP)  ## figures + analysis.md of the cache make train built (same ARGS as make train)
+	$(PY) -m fmtransfer.cli.analyze $(ARGS)
+
+notebook: $(STAMP)  ## execute notebooks/feature_maps.ipynb headless on that cache -> logs/notebook/<time>/ (.ipynb, .html)
+	$(PY) -m fmtransfer.cli.notebook $(ARGS)
+
 test: $(STAMP)  ## run the test suite (offline, CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests notebooks
 
 format: $(STAMP)  ## ruff format + import sorting
-	$(PY) -m ruff check --fix src tests
+	$(PY) -m ruff check --fix src tests notebooks
 
 clean-cache:  ## delete cached feature maps (rebuilt on the next run)
 	rm -rf data/cache

@@ -57,6 +57,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "data.image_size=32",
         "data.shots_per_class=10",
         "head.epochs=3",
+        "head.min_steps=0",
         "trainer.progress_bar=false",
     ]
 

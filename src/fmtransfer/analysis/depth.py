@@ -18,7 +18,7 @@ def probe_accuracy(
     """Accuracy on ``evaluate`` of a linear probe fitted on ``train`` (both restricted to ``levels``)."""
     torch.manual_seed(0)
     head = LinearProbeHead({n: train.dims[n] for n in levels}, int(train.labels.max()) + 1, balance_levels=True)
-    fit_probe_in_place(head, {n: train.features[n] for n in levels}, train.labels, steps=steps)
+    fit_probe_in_place(head, {n: train.features[n] for n in levels}, train.labels, steps=steps, lr=0.01)
     head.eval()
     with torch.no_grad():
         pred = head({n: evaluate.features[n] for n in levels}).argmax(1)

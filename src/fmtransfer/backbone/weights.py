@@ -195,7 +195,8 @@ def _no_weights_message(name: str, why: str) -> str:
 
 
 def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "model.", "backbone.model.", "backbone."):
+    # DDP, Lightning (features.model.* is a finetune run of this project) and common wrapper prefixes.
+    for prefix in ("module.", "features.model.", "model.", "backbone.model.", "backbone."):
         if key.startswith(prefix):
             return key[len(prefix) :]
     return key

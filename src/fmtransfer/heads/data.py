@@ -69,7 +69,8 @@ class CachedMapDataset(Dataset):
 
     @classmethod
     def from_cache(cls, split: CachedSplit, level: str) -> CachedMapDataset:
-        return cls(torch.from_numpy(np.ascontiguousarray(split.level(level))), torch.from_numpy(split.labels()))
+        # A copy: the maps are read once into memory (float16), then every epoch indexes RAM, not the disk.
+        return cls(torch.from_numpy(np.array(split.level(level))), torch.from_numpy(split.labels()))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -89,6 +89,18 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._t)
 
 
+def reseed(cfg: DictConfig) -> None:
+    """Seed everything again just before something random is built or trained, so a run's numbers do not depend on
+    what ran before it in the process (e.g. whether the cache missed and a backbone was built)."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+
+def epochs_for(num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """``epochs``, raised so training takes at least ``min_steps`` optimiser steps (k-shot sets are one batch)."""
+    steps_per_epoch = max(1, -(-num_train // batch_size))
+    return max(epochs, -(-min_steps // steps_per_epoch))
+
+
 def trainer_device_kwargs(cfg: DictConfig) -> dict:
     """Accelerator and precision from ``cfg.trainer`` (shared by extraction and training)."""
     return {"accelerator": cfg.trainer.accelerator, "precision": cfg.trainer.precision}
@@ -109,21 +121,29 @@ def fit_and_evaluate(
     A ``checkpoints/last.ckpt`` in ``run_dir`` from an interrupted run is resumed from.
     """
     checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=monitor_mode, save_top_k=1
+    )
+    # last.ckpt after every training epoch, whatever the validation schedule: an interrupted run resumes from it.
+    # (Lightning 2.6's save_last only writes alongside a top-k save, so keep the latest as a top-1 of its own.)
+    last_epoch = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=monitor,
-        mode=monitor_mode,
+        filename="last",
+        monitor=None,
         save_top_k=1,
-        save_last=True,  # an interrupted run resumes from here
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
     )
     timer = EpochTimer()
     trainer = pl.Trainer(
         **trainer_device_kwargs(cfg),
         devices=1,
         max_epochs=epochs,
+        # About 20 validations per run are plenty to pick a checkpoint; few-shot runs have many one-step epochs.
+        check_val_every_n_epoch=max(1, epochs // 20),
         deterministic=cfg.trainer.deterministic,
         logger=CSVLogger(run_dir, name="csv", version=""),
-        callbacks=[checkpoint, timer, *callbacks],
+        callbacks=[checkpoint, last_epoch, timer, *callbacks],
         enable_model_summary=False,
         log_every_n_steps=1,
         enable_progress_bar=False,  # runs of seconds to minutes: a per-step bar would only flood the log
@@ -132,6 +152,7 @@ def fit_and_evaluate(
     if last.is_file():
         print(f"[train] resuming from {last}")
     device = str(trainer.strategy.root_device)
+    reseed(cfg)
     start = time.perf_counter()
     with PeakMemory(device) as memory:
         trainer.fit(module, loaders["train"], loaders["validation"], ckpt_path=str(last) if last.is_file() else None)
@@ -249,7 +270,6 @@ def start_run(cfg: DictConfig, run_dir: Path, weights: str | None = None, image_
     if image_size is not None:
         overrides["image_size"] = image_size
     data_config = resolve_data_config(spec.pretrained_cfg, **overrides)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     return RunContext(cfg, run_dir, data, spec, data_config, started)
 
 

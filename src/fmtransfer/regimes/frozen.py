@@ -11,7 +11,15 @@ from omegaconf import DictConfig, OmegaConf
 from fmtransfer.backbone import LevelInfo, parse_levels
 from fmtransfer.cache import CacheResult, CacheSpec
 from fmtransfer.heads import HeadClassifier, PooledFeatureDataset, build_head, feature_loader
-from fmtransfer.regimes.common import SPLITS, RunContext, as_level_spec, fit_and_evaluate, start_run
+from fmtransfer.regimes.common import (
+    SPLITS,
+    RunContext,
+    as_level_spec,
+    epochs_for,
+    fit_and_evaluate,
+    reseed,
+    start_run,
+)
 
 
 def cache_frozen_features(ctx: RunContext, head_levels: Sequence[LevelInfo]) -> dict[str, CacheResult]:
@@ -32,21 +40,21 @@ def train_head(
 ) -> dict:
     """Fit the configured head on cached train maps, select on validation, evaluate test once."""
     sets = {s: PooledFeatureDataset.from_cache(caches[s].split, head_levels) for s in SPLITS}
+    reseed(cfg)
     head = build_head(cfg.head.name, sets["train"].dims, num_classes, **OmegaConf.to_container(cfg.head.options))
     head.normalizer.fit(sets["train"].features)
+    bs = cfg.head.batch_size
+    epochs = epochs_for(len(sets["train"]), bs, cfg.head.epochs, cfg.head.min_steps)
     module = HeadClassifier(
         head,
         num_classes,
         lr=cfg.head.lr,
         weight_decay=cfg.head.weight_decay,
-        max_epochs=cfg.head.epochs,
+        max_epochs=epochs,
         label_smoothing=cfg.head.label_smoothing,
     )
-    bs = cfg.head.batch_size
     loaders = {s: feature_loader(sets[s], bs, shuffle=s == "train") for s in SPLITS}
-    return fit_and_evaluate(
-        cfg, module, loaders, run_dir, cfg.head.epochs, cfg.head.monitor, cfg.head.monitor_mode, callbacks
-    )
+    return fit_and_evaluate(cfg, module, loaders, run_dir, epochs, cfg.head.monitor, cfg.head.monitor_mode, callbacks)
 
 
 def run_frozen(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:

@@ -15,7 +15,7 @@ from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, build_eval_tran
 from fmtransfer.cache import CacheSpec
 from fmtransfer.data import ImageClassificationDataset
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
-from fmtransfer.regimes.common import SPLITS, RunContext, fit_and_evaluate, start_run
+from fmtransfer.regimes.common import SPLITS, RunContext, epochs_for, fit_and_evaluate, reseed, start_run
 
 
 def image_loaders(ctx: RunContext, batch_size: int, augment: bool) -> dict[str, DataLoader]:
@@ -41,15 +41,17 @@ def pre_logits_head(ctx: RunContext, probe_init: bool) -> LinearProbeHead:
 
     The frozen pre-logits come from the feature cache (a hit when the frozen regime ran with the same settings).
     """
+    cfg = ctx.cfg
     pre = next(lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS)
+    if probe_init:
+        spec = CacheSpec((pre,), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size)
+        caches = ctx.cache_splits([pre], spec)
+        train, val = (PooledFeatureDataset.from_cache(caches[s].split, [PRE_LOGITS]) for s in ("train", "validation"))
+    reseed(cfg)
     head = LinearProbeHead({PRE_LOGITS: pre.channels}, ctx.data.num_classes)
     if probe_init:
-        cfg = ctx.cfg
-        spec = CacheSpec((pre,), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size)
-        train = ctx.cache_splits([pre], spec)["train"].split
-        data = PooledFeatureDataset.from_cache(train, [PRE_LOGITS])
-        loss = fit_probe_in_place(head, data.features, data.labels)
-        print(f"[{cfg.regime}] head initialised from a linear probe on frozen pre_logits (train loss {loss:.3f})")
+        loss = fit_probe_in_place(head, train.features, train.labels, validation=(val.features, val.labels))
+        print(f"[{cfg.regime}] head starts as a linear probe on frozen pre_logits (validation loss {loss:.3f})")
     return head
 
 
@@ -71,19 +73,21 @@ def run_whole_backbone(
     rc = cfg.regimes[regime]
     ctx = start_run(cfg, run_dir, weights=None if pretrained else "random", image_size=rc.image_size)
     head = pre_logits_head(ctx, probe_init=pretrained and rc.lp_ft)
+    reseed(cfg)  # scratch's random initialisation must not depend on what ran before
     model, info = ctx.spec.create()
     pre = [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]
+    epochs = epochs_for(len(ctx.data.splits["train"]), rc.batch_size, rc.epochs, rc.min_steps)
     module = HeadClassifier(
         head,
         ctx.data.num_classes,
         lr=rc.lr,
         backbone_lr=rc.backbone_lr,
         weight_decay=rc.weight_decay,
-        max_epochs=rc.epochs,
+        max_epochs=epochs,
         features=FeatureMapExtractor(model, pre),
     )
     results = fit_and_evaluate(
-        cfg, module, image_loaders(ctx, rc.batch_size, augment=True), run_dir, rc.epochs, callbacks=callbacks
+        cfg, module, image_loaders(ctx, rc.batch_size, augment=True), run_dir, epochs, callbacks=callbacks
     )
     return ctx.metrics(regime, results, regime_config=dict(rc), weights=info.detail)
 

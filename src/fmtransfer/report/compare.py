@@ -125,6 +125,13 @@ def headline_shots(summary: dict) -> str:
     return "all" if "all" in keys else str(max(int(k) for k in keys))
 
 
+def time_ratio_text(ratio: float) -> str:
+    """``3.2× the winner's time`` or ``1/25 of the winner's time``."""
+    if ratio >= 1:
+        return f"{ratio:.1f}× the winner's time"
+    return f"1/{1 / ratio:.0f} of the winner's time" if ratio > 0 else "no measurable time"
+
+
 def verdict(summary: dict) -> dict:
     """Which regime wins (chosen on validation accuracy), by how much on test, at what cost: computed, not written."""
     shots = headline_shots(summary)
@@ -152,8 +159,7 @@ def verdict(summary: dict) -> dict:
         lines.append(
             f"- vs **{other}**: {delta:+.1f} points ({oacc['mean']:.3f} ± {oacc['std']:.3f}; "
             f"{'95% intervals overlap, so not a clear difference' if overlap else 'a clear difference'}); "
-            f"{other} trains {o['trainable_params']:,} parameters for {ot:.1f} s "
-            f"({cost:.1f}× the winner's time)."
+            f"{other} trains {o['trainable_params']:,} parameters for {ot:.1f} s ({time_ratio_text(cost)})."
         )
     best_test = max(rows, key=lambda r: rows[r]["test"]["acc"]["mean"])
     if best_test != winner:

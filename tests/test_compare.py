@@ -1,0 +1,135 @@
+"""make compare: regimes x seeds x shots on the same splits, a report whose numbers are results.json's, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fmtransfer.cli.compare import main as compare_main
+from fmtransfer.cli.compare import resolve_preset
+from fmtransfer.report import compare as compare_mod
+from fmtransfer.report.compare import verdict
+from fmtransfer.report.stats import summarise
+
+TINY = [
+    "data.image_size=32",
+    "compare.preset=cpu",
+    "compare.seeds=[0,1]",
+    "compare.shots=[3,6]",
+    "head.epochs=5",
+    "regimes.partial.epochs=2",
+    "regimes.finetune.epochs=1",
+    "regimes.finetune.image_size=32",
+    "regimes.scratch.epochs=1",
+    "regimes.scratch.image_size=32",
+    "head.min_steps=20",
+    "regimes.partial.min_steps=2",
+    "regimes.finetune.min_steps=2",
+    "regimes.scratch.min_steps=2",
+    "trainer.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    overrides = [*TINY, f"paths.data_dir={tmp / 'data'}", f"paths.log_dir={tmp / 'logs'}"]
+    return overrides, tmp
+
+
+def test_comparison_report_matches_results_and_resumes(comparison, capsys, monkeypatch):
+    overrides, _ = comparison
+    compare_main(overrides)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("report dir: ")
+    report_dir = __import__("pathlib").Path(out[-1].removeprefix("report dir: "))
+    results = json.loads((report_dir / "results.json").read_text())
+
+    # Every regime x seed x shots ran once, on the same splits.
+    runs = results["runs"]
+    assert len(runs) == 4 * 2 * 2
+    assert {(r["regime"], r["seed"], r["shots_per_class"]) for r in runs} == {
+        (g, s, k) for g in ("frozen", "partial", "finetune", "scratch") for s in (0, 1) for k in ("3", "6")
+    }
+    for r in runs:
+        assert set(r["test"]) == {"acc", "f1_macro", "balanced_acc"} and r["trainable_params"] > 0
+        metrics = json.loads(
+            (
+                report_dir / "runs" / f"{r['regime']}-shots{r['shots_per_class']}-seed{r['seed']}" / "metrics.json"
+            ).read_text()
+        )
+        assert metrics["split_sizes"]["test"] == 359 and metrics["split_sizes"]["validation"] == 216
+    frozen_params = {r["trainable_params"] for r in runs if r["regime"] == "frozen"}
+    finetune_params = {r["trainable_params"] for r in runs if r["regime"] == "finetune"}
+    assert max(frozen_params) < min(finetune_params)
+
+    # The report's numbers are results.json's numbers.
+    md = (report_dir / "report.md").read_text()
+    shots = results["verdict"]["shots"]
+    assert shots == "6"
+    for regime, by in results["summary"].items():
+        acc = by[shots]["test"]["acc"]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {regime} |"))
+        assert f"{acc['mean']:.3f} ± {acc['std']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in row
+        assert f"{by[shots]['trainable_params']:,}" in row
+    assert results["verdict"]["winner"] in md.split("## Setup")[0]
+    html = (report_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    assert not re.search(r"src=['\"](?!data:)", html), "the HTML must be standalone"
+    assert results["transfer_by_depth"] is None  # no 'all' shots: no frozen run on the full training split
+    assert {"device", "torch", "timm", "pytorch_lightning", "git_commit"} <= set(results["environment"])
+
+    # Rerunning finds every run done and trains nothing.
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was repeated")
+
+    monkeypatch.setattr(compare_mod, "REGIMES", {k: must_not_train for k in compare_mod.REGIMES})
+    compare_main(overrides)
+    assert capsys.readouterr().out.count("done earlier") == 16
+
+
+def _row(val, test, seconds, params=1000):
+    s = lambda v: summarise(v, bounds=(0.0, 1.0))  # noqa: E731
+    return {
+        "all": {
+            "val": {"acc": s(val)},
+            "test": {"acc": s(test)},
+            "train_seconds": summarise(seconds),
+            "trainable_params": params,
+        }
+    }
+
+
+def test_verdict_selects_on_validation_and_computes_margins():
+    summary = {
+        "frozen": _row([0.90, 0.91, 0.92], [0.93, 0.94, 0.95], [1, 1, 1], 3000),
+        "finetune": _row([0.80, 0.82, 0.84], [0.96, 0.97, 0.98], [100, 100, 100], 4_000_000),
+        "scratch": _row([0.5, 0.52, 0.54], [0.50, 0.52, 0.54], [100, 100, 100], 4_000_000),
+    }
+    v = verdict(summary)
+    assert v["winner"] == "frozen"  # best validation, even though finetune scores higher on test
+    assert v["comparisons"]["scratch"]["delta_points"] == pytest.approx(42.0)
+    assert v["comparisons"]["scratch"]["intervals_overlap"] is False
+    assert v["comparisons"]["finetune"]["time_ratio"] == pytest.approx(100.0)
+    assert "On the test split **finetune** scores highest" in v["text"]
+
+
+def test_summary_statistics():
+    s = summarise([0.8, 0.9, 1.0])
+    assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)
+    assert s["ci95"][0] == pytest.approx(0.9 - 4.302653 * 0.1 / 3**0.5, rel=1e-5)
+    assert summarise([0.8, 0.9, 1.0], bounds=(0, 1))["ci95"][1] == 1.0
+    assert summarise([0.5]) == {"mean": 0.5, "std": 0.0, "ci95": [0.5, 0.5], "n": 1}
+
+
+def test_without_a_gpu_the_cpu_preset_is_chosen_and_said(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = resolve_preset(["experiment=hymenoptera"])
+    assert cfg.compare.preset == "cpu" and "CPU preset" in cfg.compare.preset_note
+    assert "using the CPU preset" in capsys.readouterr().out
+    assert resolve_preset(["compare.preset=full"]).trainer.precision == "bf16-mixed"

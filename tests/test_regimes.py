@@ -1,0 +1,68 @@
+"""Partial regime: exact split of the backbone, frozen prefix untouched, optimisers see trainable parameters only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from fmtransfer.backbone import FeatureMapExtractor, build_suffix, describe_backbone, split_level
+from fmtransfer.errors import ConfigError
+from fmtransfer.heads import HeadClassifier, LinearProbeHead
+from fmtransfer.regimes.live import PreLogitsOf
+from fmtransfer.regimes.partial import LivePrefix
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_suffix_of_the_prefix_output_is_the_whole_network(name):
+    spec = describe_backbone(name, weights="random")
+    model = spec.create()[0]
+    x = torch.randn(2, 3, 64, 64)
+    for k in range(1, 5):
+        level = split_level(list(spec.levels), k)
+        ext = FeatureMapExtractor(model, [level, spec.levels[-1]])
+        with torch.no_grad():
+            out = ext(x)
+            assert torch.allclose(build_suffix(model, level)(out[level.name]), out["pre_logits"], atol=1e-5)
+
+
+def test_k_out_of_range_is_a_config_error():
+    spec = describe_backbone("tf_efficientnet_lite0", weights="random")
+    with pytest.raises(ConfigError, match=r"regimes\.partial\.k=5.*between 1 and 4"):
+        split_level(list(spec.levels), 5)
+
+
+def test_live_prefix_stays_frozen_while_the_suffix_trains():
+    spec = describe_backbone("tf_efficientnet_lite0", weights="random")
+    model = spec.create()[0]
+    level = split_level(list(spec.levels), 1)
+    prefix = LivePrefix(FeatureMapExtractor(copy.deepcopy(model), [level]), level.name)
+    suffix = build_suffix(model, level).requires_grad_(True)
+    head = LinearProbeHead({"pre_logits": 1280}, 3)
+    module = HeadClassifier(
+        head, 3, lr=0.01, backbone_lr=0.001, features=torch.nn.Sequential(prefix, PreLogitsOf(suffix))
+    )
+    prefix_before = copy.deepcopy(prefix.state_dict())
+    suffix_before = copy.deepcopy(suffix.state_dict())
+
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    assert not any(p.requires_grad for p in prefix.parameters())
+    assert sorted(g["lr"] for g in groups) == [0.001, 0.01]
+
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 3, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, loader)
+    after = prefix.state_dict()
+    assert all(torch.equal(prefix_before[k], after[k]) for k in prefix_before), "prefix (incl. BN buffers) changed"
+    assert any(not torch.equal(suffix_before[k], v) for k, v in suffix.state_dict().items()), "suffix did not train"
