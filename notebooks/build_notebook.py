@@ -36,7 +36,7 @@ cells = [
         "    statistics_figure,\n"
         ")\n"
         "from fmtransfer.cli.config import compose_config\n"
-        "from fmtransfer.cli.quiet import quiet_libraries\n\n\n"
+        "from fmtransfer.cli.common import quiet_libraries\n\n\n"
         "def show(fig):\n"
         "    display(fig)\n"
         "    plt.close(fig)  # shown once, not again when the cell ends\n\n"

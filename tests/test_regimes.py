@@ -66,3 +66,36 @@ def test_live_prefix_stays_frozen_while_the_suffix_trains():
     after = prefix.state_dict()
     assert all(torch.equal(prefix_before[k], after[k]) for k in prefix_before), "prefix (incl. BN buffers) changed"
     assert any(not torch.equal(suffix_before[k], v) for k, v in suffix.state_dict().items()), "suffix did not train"
+
+
+class _BatchNormModes(pl.Callback):
+    """Records whether the backbone's BatchNorm layers are in train mode during training steps."""
+
+    def __init__(self):
+        self.modes: set[bool] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        bns = [m for m in pl_module.features.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.modes |= {m.training for m in bns}
+
+
+@pytest.mark.parametrize(("fixed", "expected"), [(False, {True}), (True, {False})])
+def test_trainable_backbone_batchnorm_mode_during_training(tmp_path, tiny_overrides, fixed, expected):
+    """Regression: Lightning keeps module modes at fit start, and backbones are built in eval mode."""
+    from fmtransfer.cli.config import compose_config
+    from fmtransfer.regimes import run_scratch
+
+    cfg = compose_config(
+        [
+            *tiny_overrides,
+            "data.shots_per_class=3",
+            "regimes.scratch.epochs=1",
+            "regimes.scratch.min_steps=1",
+            "regimes.scratch.image_size=32",
+            f"+regimes.scratch.fixed_bn_stats={str(fixed).lower()}",
+        ]
+    )
+    modes = _BatchNormModes()
+    metrics = run_scratch(cfg, tmp_path / "run", callbacks=[modes])
+    assert modes.modes == expected
+    assert metrics["trainable_params"] > 4_000_000

@@ -160,3 +160,25 @@ class FrozenModule(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+
+class FixedBatchNormStats(nn.Module):
+    """Wraps a trainable module so its BatchNorm layers keep their pretrained running statistics.
+
+    The weights (BatchNorm's affine parameters included) still train; only the statistics stay fixed, because
+    batches of a few dozen images from a small dataset estimate them worse than ImageNet did (frozen-BN fine-tuning).
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> FixedBatchNormStats:
+        super().train(mode)
+        for m in self.module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import compose_config, config_dir
-from fmtransfer.cli.quiet import quiet_libraries
 from fmtransfer.errors import FmtransferError
 
 
@@ -38,12 +38,9 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries()
-    try:
+    with user_errors():
         cfg = resolve_preset(overrides)
         report_dir = run_comparison(cfg, config_dir().parent)
-    except FmtransferError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     print(f"report dir: {Path(report_dir).resolve()}")
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import config_dir
-from fmtransfer.cli.quiet import quiet_libraries
 from fmtransfer.errors import FmtransferError
 from fmtransfer.regimes import REGIMES
 
@@ -51,17 +50,13 @@ def summarise(metrics: dict) -> str:
 def train(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_libraries()
-    try:
+    with user_errors():
         if cfg.get("resume"):
             run_dir, cfg = resume_target(str(cfg.resume))
         if cfg.regime not in REGIMES:
             raise FmtransferError(f"regime={cfg.regime} is not known; choose one of {sorted(REGIMES)}.")
         print(f"[run] {cfg.regime} regime, writing to {run_dir} (resume an interrupted run with resume={run_dir})")
         metrics = REGIMES[cfg.regime](cfg, run_dir)
-    except FmtransferError as exc:
-        # Bad input gets one clear sentence, not a stack trace.
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     print(summarise(metrics))
     print(f"run dir: {run_dir}")
 

@@ -95,6 +95,25 @@ def reseed(cfg: DictConfig) -> None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
 
+def _to_device(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def validation_loss(module: HeadClassifier, loader: DataLoader, device: torch.device) -> float:
+    """Mean cross-entropy of ``module`` as it is now (module modes are restored afterwards)."""
+    modes = {m: m.training for m in module.modules()}
+    module.to(device).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = module(_to_device(batch[0], device))
+            total += float(torch.nn.functional.cross_entropy(logits, batch[1].to(device), reduction="sum"))
+            count += len(batch[1])
+    for m, training in modes.items():
+        m.training = training
+    return total / max(count, 1)
+
+
 def epochs_for(num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
     """``epochs``, raised so training takes at least ``min_steps`` optimiser steps (k-shot sets are one batch)."""
     steps_per_epoch = max(1, -(-num_train // batch_size))
@@ -115,6 +134,7 @@ def fit_and_evaluate(
     monitor: str = "val/loss",
     monitor_mode: str = "min",
     callbacks: Sequence[pl.Callback] = (),
+    include_initial: bool = True,
 ) -> dict:
     """Train ``module``; pick the checkpoint on validation; evaluate the test split once, with that checkpoint.
 
@@ -152,19 +172,35 @@ def fit_and_evaluate(
     if last.is_file():
         print(f"[train] resuming from {last}")
     device = str(trainer.strategy.root_device)
+    # The starting point competes in model selection too (early stopping that includes step 0): a run that starts
+    # from a fitted probe (LP-FT, partial) keeps it when no epoch of fine-tuning improves the validation loss.
+    initial = None
+    if include_initial and monitor == "val/loss" and not last.is_file():
+        initial = (
+            validation_loss(module, loaders["validation"], trainer.strategy.root_device),
+            {k: v.detach().clone() for k, v in module.state_dict().items()},
+        )
     reseed(cfg)
     start = time.perf_counter()
     with PeakMemory(device) as memory:
         trainer.fit(module, loaders["train"], loaders["validation"], ckpt_path=str(last) if last.is_file() else None)
     train_seconds = time.perf_counter() - start
-    # Model selection used validation only; the test split is evaluated once, with the selected checkpoint.
-    val = trainer.validate(module, loaders["validation"], ckpt_path="best", verbose=False)[0]
-    test = trainer.test(module, loaders["test"], ckpt_path="best", verbose=False)[0]
+    selected = "best epoch"
+    best_path = str(checkpoint.best_model_path)
+    if initial is not None and (checkpoint.best_model_score is None or initial[0] < float(checkpoint.best_model_score)):
+        module.load_state_dict(initial[1])
+        best_path = str(run_dir / "checkpoints" / "initial.ckpt")
+        trainer.save_checkpoint(best_path)
+        selected = "initial state (no epoch improved the validation loss)"
+    # Model selection used validation only; the test split is evaluated once, with the selected weights.
+    val = trainer.validate(module, loaders["validation"], ckpt_path=best_path, verbose=False)[0]
+    test = trainer.test(module, loaders["test"], ckpt_path=best_path, verbose=False)[0]
     return {
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
         "test": {m: round(float(test[f"test/{m}"]), 6) for m in METRIC_NAMES},
         "test_confusion": module.test_confusion,
-        "best_checkpoint": str(checkpoint.best_model_path),
+        "best_checkpoint": best_path,
+        "selected": selected,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "train_seconds": round(train_seconds, 3),
         "epochs": len(timer.seconds),
@@ -249,6 +285,7 @@ class RunContext:
             "seed": self.cfg.seed,
             "test_confusion": results["test_confusion"],
             "best_checkpoint": results["best_checkpoint"],
+            "selected": results["selected"],
             "device": results["device"],
         }
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -11,7 +11,13 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, build_eval_transform, build_train_transform
+from fmtransfer.backbone import (
+    PRE_LOGITS,
+    FeatureMapExtractor,
+    FixedBatchNormStats,
+    build_eval_transform,
+    build_train_transform,
+)
 from fmtransfer.cache import CacheSpec
 from fmtransfer.data import ImageClassificationDataset
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
@@ -66,6 +72,37 @@ class PreLogitsOf(nn.Module):
         return {PRE_LOGITS: self.module(x).flatten(1)}
 
 
+def train_with_backbone(
+    ctx: RunContext,
+    rc: DictConfig,
+    head: nn.Module,
+    features: nn.Module,
+    loaders: dict[str, DataLoader],
+    callbacks: Sequence[pl.Callback] = (),
+) -> dict:
+    """Train ``features`` (trainable backbone part, at ``rc.backbone_lr``) and ``head`` with regime settings ``rc``.
+
+    ``rc.fixed_bn_stats`` keeps the backbone's BatchNorm statistics as pretrained while its weights train.
+    """
+    if rc.get("fixed_bn_stats", False):
+        features = FixedBatchNormStats(features)
+    # Lightning keeps each module's mode at fit start, and backbones come in eval mode: set train mode explicitly
+    # (a FrozenModule prefix and fixed BatchNorm statistics stay in eval through their own train()).
+    features.train()
+    head.train()
+    epochs = epochs_for(len(ctx.data.splits["train"]), rc.batch_size, rc.epochs, rc.min_steps)
+    module = HeadClassifier(
+        head,
+        ctx.data.num_classes,
+        lr=rc.lr,
+        backbone_lr=rc.backbone_lr,
+        weight_decay=rc.weight_decay,
+        max_epochs=epochs,
+        features=features,
+    )
+    return fit_and_evaluate(ctx.cfg, module, loaders, ctx.run_dir, epochs, callbacks=callbacks)
+
+
 def run_whole_backbone(
     cfg: DictConfig, run_dir: Path, regime: str, pretrained: bool, callbacks: Sequence[pl.Callback] = ()
 ) -> dict:
@@ -76,19 +113,9 @@ def run_whole_backbone(
     reseed(cfg)  # scratch's random initialisation must not depend on what ran before
     model, info = ctx.spec.create()
     pre = [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]
-    epochs = epochs_for(len(ctx.data.splits["train"]), rc.batch_size, rc.epochs, rc.min_steps)
-    module = HeadClassifier(
-        head,
-        ctx.data.num_classes,
-        lr=rc.lr,
-        backbone_lr=rc.backbone_lr,
-        weight_decay=rc.weight_decay,
-        max_epochs=epochs,
-        features=FeatureMapExtractor(model, pre),
-    )
-    results = fit_and_evaluate(
-        cfg, module, image_loaders(ctx, rc.batch_size, augment=True), run_dir, epochs, callbacks=callbacks
-    )
+    features = FeatureMapExtractor(model, pre)
+    loaders = image_loaders(ctx, rc.batch_size, augment=True)
+    results = train_with_backbone(ctx, rc, head, features, loaders, callbacks)
     return ctx.metrics(regime, results, regime_config=dict(rc), weights=info.detail)
 
 

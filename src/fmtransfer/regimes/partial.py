@@ -13,9 +13,9 @@ from torch import nn
 
 from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, build_suffix, split_level
 from fmtransfer.cache import CacheSpec
-from fmtransfer.heads import CachedMapDataset, HeadClassifier, feature_loader
-from fmtransfer.regimes.common import SPLITS, epochs_for, fit_and_evaluate, start_run
-from fmtransfer.regimes.live import PreLogitsOf, image_loaders, pre_logits_head
+from fmtransfer.heads import CachedMapDataset, feature_loader
+from fmtransfer.regimes.common import SPLITS, start_run
+from fmtransfer.regimes.live import PreLogitsOf, image_loaders, pre_logits_head, train_with_backbone
 
 
 class LivePrefix(nn.Module):
@@ -54,17 +54,7 @@ def run_partial(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback]
         loaders = {s: feature_loader(sets[s], rc.batch_size, shuffle=s == "train") for s in SPLITS}
         features = PreLogitsOf(suffix)
         extract_seconds = sum(c.extract_seconds for c in caches.values())
-    epochs = epochs_for(len(ctx.data.splits["train"]), rc.batch_size, rc.epochs, rc.min_steps)
-    module = HeadClassifier(
-        head,
-        ctx.data.num_classes,
-        lr=rc.lr,
-        backbone_lr=rc.backbone_lr,
-        weight_decay=rc.weight_decay,
-        max_epochs=epochs,
-        features=features,
-    )
-    results = fit_and_evaluate(cfg, module, loaders, run_dir, epochs, callbacks=callbacks)
+    results = train_with_backbone(ctx, rc, head, features, loaders, callbacks)
     return ctx.metrics(
         "partial",
         results,

@@ -36,6 +36,7 @@ RUN_FIELDS = (
     "image_size",
     "test_confusion",
     "device",
+    "selected",
 )
 
 
@@ -127,7 +128,7 @@ def headline_shots(summary: dict) -> str:
 
 def time_ratio_text(ratio: float) -> str:
     """``3.2× the winner's time`` or ``1/25 of the winner's time``."""
-    if ratio >= 1:
+    if ratio >= 0.5:
         return f"{ratio:.1f}× the winner's time"
     return f"1/{1 / ratio:.0f} of the winner's time" if ratio > 0 else "no measurable time"
 
@@ -175,7 +176,8 @@ def verdict(summary: dict) -> dict:
         and r != winner
     ]
     if cheaper:
-        lines.append(f"Cheaper and within 1 point of the winner on test: {', '.join(cheaper)}.")
+        gaps = ", ".join(f"{r} ({(rows[r]['test']['acc']['mean'] - wacc['mean']) * 100:+.1f})" for r in cheaper)
+        lines.append(f"Cheaper than the winner and no more than 1 point below it on test: {gaps}.")
     return {"shots": shots, "winner": winner, "comparisons": comparisons, "text": "\n".join(lines)}
 
 
@@ -194,6 +196,14 @@ def depth_curve(records: list[dict]) -> dict | None:
         "fit_on": "train",
         "accuracy": transfer_by_depth(splits["train"], splits["validation"]),
     }
+
+
+def rewrite_report(report_dir: Path) -> None:
+    """Recompute the verdict and re-render the report from an existing ``results.json`` (no run repeated)."""
+    results = json.loads((report_dir / "results.json").read_text())
+    results["verdict"] = verdict(results["summary"])
+    (report_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, report_dir)
 
 
 def run_comparison(cfg: DictConfig, root: Path) -> Path:
