@@ -143,14 +143,14 @@ def fit_and_evaluate(
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=monitor_mode, save_top_k=1
     )
-    # last.ckpt after every training epoch, whatever the validation schedule: an interrupted run resumes from it.
+    # last.ckpt every ~5% of the run (at least every epoch), whatever the validation schedule: resume point.
     # (Lightning 2.6's save_last only writes alongside a top-k save, so keep the latest as a top-1 of its own.)
     last_epoch = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="last",
         monitor=None,
         save_top_k=1,
-        every_n_epochs=1,
+        every_n_epochs=max(1, epochs // 20),
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
