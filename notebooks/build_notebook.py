@@ -108,7 +108,7 @@ cells = [
     ),
     code(
         "cam_level = a.cam_level if a.cam_level in spatial else spatial[-1]\n"
-        "img, cam, occ = A.saliency_maps(an, cam_level, a.eval_split, a.images[0])\n"
+        "img, cam, occ = A.saliency_maps(an, A.frozen_classifier(an), cam_level, a.eval_split, a.images[0])\n"
         'show(saliency_figure(img, cam, occ, f"Grad-CAM at {cam_level}"))'
     ),
 ]

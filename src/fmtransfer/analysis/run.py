@@ -37,8 +37,9 @@ from fmtransfer.backbone import (
 )
 from fmtransfer.cache import CacheResult, CacheSpec
 from fmtransfer.data import to_rgb
-from fmtransfer.heads import LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
+from fmtransfer.heads import LinearProbeHead, PooledFeatureDataset
 from fmtransfer.regimes.common import RunContext, as_level_spec, start_run
+from fmtransfer.regimes.live import pre_logits_head
 
 
 @dataclasses.dataclass
@@ -73,19 +74,19 @@ def input_image(an: Analysis, split: str, index: int) -> np.ndarray:
 
 def frozen_classifier(an: Analysis) -> tuple[torch.nn.Module, LinearProbeHead]:
     """The pretrained backbone and a linear probe on its pre-logits (fitted on train, selected on validation)."""
+    head = pre_logits_head(an.ctx, probe_init=True)
     model, _ = an.ctx.spec.create()
-    pre = next(lv for lv in an.ctx.spec.levels if lv.name == PRE_LOGITS)
-    cfg = an.ctx.cfg
-    caches = an.ctx.cache_splits([pre], CacheSpec((pre,), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size))
-    train, val = (PooledFeatureDataset.from_cache(caches[s].split, [PRE_LOGITS]) for s in ("train", "validation"))
-    head = LinearProbeHead({PRE_LOGITS: pre.channels}, an.ctx.data.num_classes)
-    fit_probe_in_place(head, train.features, train.labels, validation=(val.features, val.labels))
     return model.eval(), head.eval()
 
 
-def saliency_maps(an: Analysis, level: str, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input image, Grad-CAM at ``level``, occlusion map) for one image and its true class."""
-    model, head = frozen_classifier(an)
+def saliency_maps(
+    an: Analysis, classifier: tuple[torch.nn.Module, LinearProbeHead], level: str, split: str, index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input image, Grad-CAM at ``level``, occlusion map) for one image and its true class.
+
+    ``classifier`` is ``frozen_classifier(an)``, built once for all the images.
+    """
+    model, head = classifier
     lv = next(v for v in an.ctx.spec.levels if v.name == level)
     x = build_eval_transform(an.ctx.data_config)(to_rgb(an.ctx.data.splits[split][index]["image"]))[None]
     target = int(an.ctx.data.splits[split][index]["label"])
@@ -165,8 +166,9 @@ def run_analysis(cfg: DictConfig, out_dir: Path) -> dict:
         )
     cam_level = a.cam_level if a.cam_level in spatial else (spatial[-1] if spatial else None)
     if cam_level:
+        classifier = frozen_classifier(an)
         for i in a.images[:2]:
-            img, cam, occ = saliency_maps(an, cam_level, a.eval_split, i)
+            img, cam, occ = saliency_maps(an, classifier, cam_level, a.eval_split, i)
             figs[f"saliency_{i}"] = _save(
                 saliency_figure(img, cam, occ, f"Grad-CAM at {cam_level}, {a.eval_split} image {i}"),
                 out_dir / f"saliency_{i}.png",

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fmtransfer.analysis.figures import depth_figure
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -83,10 +85,5 @@ def accuracy_vs_shots(summary: dict) -> bytes:
 
 
 def depth_curve(accuracy: dict[str, float], split: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    names = list(accuracy)
-    ax.bar(range(len(names)), [accuracy[n] for n in names], color=["C0"] * (len(names) - 1) + ["C1"])
-    ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set(ylabel=f"{split} accuracy", title="linear probe on each cached level (transfer by depth)")
-    ax.set_ylim(0, 1)
-    return _png(fig)
+    """The analysis stage's transfer-by-depth figure, as PNG bytes."""
+    return _png(depth_figure(accuracy, split))
