@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv train compare analyze notebook test lint format clean-cache clean
+.PHONY: help venv train compare bench analyze notebook test lint format clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -30,6 +30,9 @@ train: $(STAMP)  ## train a head on cached feature maps (default: embedded digit
 
 compare: $(STAMP)  ## frozen vs partial vs finetune vs scratch over seeds and shots -> report; ARGS="experiment=hymenoptera"
 	$(PY) -m fmtransfer.cli.compare $(ARGS)
+
+bench: $(STAMP)  ## cache vs no-cache speed, side by side -> bench.json (see docs/benchmarks.md); ARGS="trainer=gpu ..."
+	$(PY) -m fmtransfer.cli.bench $(ARGS)
 
 analyze: $(STAMP)  ## figures + analysis.md of the cache make train built (same ARGS as make train)
 	$(PY) -m fmtransfer.cli.analyze $(ARGS)

@@ -88,7 +88,7 @@ class _CrashAfter(pl.Callback):
 
 
 def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides):
-    cfg = compose_config([*tiny_overrides, "head.epochs=6"])
+    cfg = compose_config([*tiny_overrides, "head.epochs=6", "trainer.checkpoint_every_s=0"])
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_frozen(cfg, run_dir, callbacks=[_CrashAfter(2)])
@@ -106,16 +106,23 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tiny_ov
     assert (run_dir / "metrics.json").is_file()
 
 
-def test_resume_through_the_cli_uses_the_saved_config(tmp_path, tiny_overrides):
+def test_resume_through_the_cli_uses_the_saved_config(tmp_path, tiny_overrides, capsys):
     from fmtransfer.cli.train import resume_target
     from fmtransfer.errors import FmtransferError
 
     with pytest.raises(FmtransferError, match=r"no config\.yaml"):
         resume_target(str(tmp_path))
-    cfg = compose_config(tiny_overrides)
-    run_frozen(cfg, tmp_path / "done")
-    run_dir, saved = resume_target(str(tmp_path / "done"))
-    assert run_dir == tmp_path / "done" and saved.head.name == cfg.head.name
+    # Interrupted before its first checkpoint (60 s by default): resuming starts that run again, same config.
+    cfg = compose_config([*tiny_overrides, "head.name=mlp"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_frozen(cfg, tmp_path / "cut", callbacks=[_CrashAfter(0)])
+    assert not (tmp_path / "cut" / "checkpoints" / "last.ckpt").exists()
+    run_dir, saved = resume_target(str(tmp_path / "cut"))
+    assert run_dir == tmp_path / "cut" and saved.head.name == "mlp"
+    assert "starting it again from the first step" in capsys.readouterr().out
+    run_frozen(saved, run_dir)
+    with pytest.raises(FmtransferError, match="that run finished"):
+        resume_target(str(run_dir))
 
 
 _shapes = st.lists(

@@ -23,3 +23,13 @@ def mapping_key(parts: Mapping, length: int = 8) -> str:
     """A short stable hash of a JSON-able mapping (key order does not matter)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=length).hexdigest()
+
+
+def source_fingerprint(package_dir: str | Path | None = None, length: int = 8) -> str:
+    """A short hash of this package's Python sources: results made by other code get another key."""
+    root = Path(package_dir) if package_dir else Path(__file__).resolve().parent
+    h = hashlib.blake2b(digest_size=length)
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

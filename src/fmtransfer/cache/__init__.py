@@ -1,17 +1,20 @@
 """Cache stage: extract feature maps once with a frozen backbone and keep them on disk, keyed by a fingerprint."""
 
 from fmtransfer.cache.extract import (
+    DTYPES,
     CacheResult,
     CacheSpec,
     FeatureExtractionModule,
     FeatureMapWriter,
     cache_parts,
     ensure_feature_cache,
+    map_shapes,
     pool_map,
 )
 from fmtransfer.cache.store import CachedSplit, CacheEntryWriter, FeatureCache, fingerprint_key
 
 __all__ = [
+    "DTYPES",
     "CacheEntryWriter",
     "CacheResult",
     "CacheSpec",
@@ -22,5 +25,6 @@ __all__ = [
     "cache_parts",
     "ensure_feature_cache",
     "fingerprint_key",
+    "map_shapes",
     "pool_map",
 ]

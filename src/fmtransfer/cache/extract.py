@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, LevelInfo
+from fmtransfer.cache.shards import ShardWriter, merge_shards, remove_shards, shard_root
 from fmtransfer.cache.store import CachedSplit, CacheEntryWriter, FeatureCache, fingerprint_key, now_iso
 from fmtransfer.data import ImageClassificationDataset, split_fingerprint
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import CacheError, ConfigError
 
 POOL_MODES = ("none", "avg", "global")
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -141,7 +143,9 @@ def ensure_feature_cache(
 ) -> CacheResult:
     """Return the cached maps of ``split``, extracting them first if no complete entry matches.
 
-    ``build_extractor`` is only called on a miss, so a cache hit never loads or runs the backbone.
+    ``build_extractor`` is only called on a miss, so a cache hit never loads or runs the backbone. With a
+    multi-process ``trainer_kwargs`` (``devices``/``num_nodes`` > 1: Lightning DDP) every rank extracts its part of
+    the split into a shard and rank 0 merges the shards into the same entry a single process would write.
     """
     parts = cache_parts(
         backbone_name, weights_checksum, data_config, repr(transform), split_name, split_fingerprint(split), spec
@@ -151,17 +155,30 @@ def ensure_feature_cache(
     if found is not None:
         return CacheResult(found, hit=True, extract_seconds=0.0)
     key = fingerprint_key(parts)
-    with cache.lock(backbone_name, split_name, key):
-        found = cache.find(backbone_name, split_name, parts, names)  # built by another run while we waited
-        if found is not None:
-            return CacheResult(found, hit=True, extract_seconds=0.0)
-        cache.remove_partials(backbone_name, split_name, key)
+    trainer = pl.Trainer(**(trainer_kwargs or {}), logger=False, enable_checkpointing=False, enable_model_summary=False)
+    distributed = trainer.world_size > 1
+    # Under DDP only rank 0 takes the entry's lock: the other ranks are its own workers (they start when it first
+    # predicts), so they must not wait on it.
+    lock = cache.lock(backbone_name, split_name, key) if trainer.global_rank == 0 else contextlib.nullcontext()
+    with lock:
+        if not distributed:
+            found = cache.find(backbone_name, split_name, parts, names)  # built by another run while we waited
+            if found is not None:
+                return CacheResult(found, hit=True, extract_seconds=0.0)
+        if trainer.global_rank == 0:
+            cache.remove_partials(backbone_name, split_name, key)
         start = time.perf_counter()
         extractor: FeatureMapExtractor = build_extractor()
         shapes = map_shapes(extractor, spec, tuple(data_config["input_size"]))
-        writer = cache.writer(backbone_name, split_name, key)
-        writer.create(len(split), shapes, DTYPES[spec.dtype])
+        final = cache.entry_dir(backbone_name, split_name, key)
+        writer = cache.writer(backbone_name, split_name, key) if trainer.global_rank == 0 else None
         try:
+            if writer is not None:
+                writer.create(len(split), shapes, DTYPES[spec.dtype])
+            shards = shard_root(final)
+            trainer.callbacks.append(
+                ShardWriter(shards, len(split), shapes, DTYPES[spec.dtype]) if distributed else FeatureMapWriter(writer)
+            )
             loader = DataLoader(
                 ImageClassificationDataset(split, transform),
                 batch_size=batch_size,
@@ -169,39 +186,60 @@ def ensure_feature_cache(
                 num_workers=num_workers,
                 persistent_workers=False,
             )
-            trainer = pl.Trainer(
-                **(trainer_kwargs or {}),
-                devices=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                callbacks=[FeatureMapWriter(writer)],
+            print(
+                f"[cache] extracting {', '.join(names)} for {len(split)} '{split_name}' images"
+                f"{f' with {trainer.world_size} processes' if distributed else ''} -> {final}"
             )
-            print(f"[cache] extracting {', '.join(names)} for {len(split)} '{split_name}' images -> {writer.final}")
             trainer.predict(FeatureExtractionModule(extractor, spec), loader, return_predictions=False)
+            distribution = merge_shards(shards, trainer.world_size, writer) if distributed and writer else None
             seconds = time.perf_counter() - start
-            itemsize = np.dtype(DTYPES[spec.dtype]).itemsize
-            manifest = {
-                "fingerprint": key,
-                "parts": parts,
-                "split": split_name,
-                "num_samples": len(split),
-                "class_names": list(class_names),
-                "levels": {
-                    lv.name: {
-                        **lv.as_dict(),
-                        "shape": list(shapes[lv.name]),
-                        "dtype": spec.dtype,
-                        "bytes_per_image": int(np.prod(shapes[lv.name])) * itemsize,
-                    }
-                    for lv in spec.levels
-                },
-                "created": now_iso(),
-                "extract_seconds": round(seconds, 3),
-                **(extra_manifest or {}),
-            }
-            path = writer.publish(manifest)
+            if writer is not None:
+                manifest = extraction_manifest(key, parts, split_name, len(split), class_names, spec, shapes, seconds)
+                if distribution is not None:
+                    manifest["distributed"] = distribution
+                writer.publish({**manifest, **(extra_manifest or {})})
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
+                remove_shards(shard_root(final))
             raise
-    return CacheResult(CachedSplit(path, FeatureCache.read_manifest(path)), hit=False, extract_seconds=seconds)
+    if distributed:
+        trainer.strategy.barrier("fmtransfer-cache-published")  # the other ranks read what rank 0 published
+        if writer is not None:
+            remove_shards(shards)
+    found = cache.find(backbone_name, split_name, parts, names)
+    if found is None:
+        raise CacheError(f"the cache entry {final} was not published (see rank 0's error).")
+    return CacheResult(found, hit=False, extract_seconds=seconds)
+
+
+def extraction_manifest(
+    key: str,
+    parts: dict,
+    split_name: str,
+    num_samples: int,
+    class_names: Sequence[str],
+    spec: CacheSpec,
+    shapes: dict,
+    seconds: float,
+) -> dict:
+    """The manifest of a freshly extracted entry (file records are added by ``CacheEntryWriter.publish``)."""
+    itemsize = np.dtype(DTYPES[spec.dtype]).itemsize
+    return {
+        "fingerprint": key,
+        "parts": parts,
+        "split": split_name,
+        "num_samples": num_samples,
+        "class_names": list(class_names),
+        "levels": {
+            lv.name: {
+                **lv.as_dict(),
+                "shape": list(shapes[lv.name]),
+                "dtype": spec.dtype,
+                "bytes_per_image": int(np.prod(shapes[lv.name])) * itemsize,
+            }
+            for lv in spec.levels
+        },
+        "created": now_iso(),
+        "extract_seconds": round(seconds, 3),
+    }

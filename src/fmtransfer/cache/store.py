@@ -78,13 +78,13 @@ class FeatureCache:
         self.verify = verify
 
     def entry_dir(self, backbone: str, split: str, key: str) -> Path:
-        return self.root / _safe(backbone) / f"{split}-{key}"
+        return self.root / safe_name(backbone) / f"{split}-{key}"
 
     def find(self, backbone: str, split: str, parts: Mapping, levels: list[str]) -> CachedSplit | None:
         """The complete, valid entry for these parts, or one whose levels are a superset of ``levels``."""
         exact = self.entry_dir(backbone, split, fingerprint_key(parts))
         candidates = [exact]
-        folder = self.root / _safe(backbone)
+        folder = self.root / safe_name(backbone)
         if folder.is_dir():
             candidates += sorted(p for p in folder.glob(f"{split}-*") if p != exact and p.is_dir())
         for path in candidates:
@@ -127,7 +127,7 @@ class FeatureCache:
     @contextlib.contextmanager
     def lock(self, backbone: str, split: str, key: str) -> Iterator[None]:
         """Exclusive per-entry lock (``flock``): concurrent builders of the same maps wait for one another."""
-        folder = self.root / _safe(backbone)
+        folder = self.root / safe_name(backbone)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             handle = open(folder / f".{split}-{key}.lock", "a+")  # noqa: SIM115 - held for the with-block
@@ -145,7 +145,7 @@ class FeatureCache:
 
     def remove_partials(self, backbone: str, split: str, key: str) -> None:
         """Delete leftovers of interrupted builds of this entry (call while holding its lock)."""
-        for p in (self.root / _safe(backbone)).glob(f".partial-{split}-{key}-*"):
+        for p in (self.root / safe_name(backbone)).glob(f".partial-{split}-{key}-*"):
             shutil.rmtree(p, ignore_errors=True)
 
     def writer(self, backbone: str, split: str, key: str) -> CacheEntryWriter:
@@ -170,7 +170,7 @@ class CacheEntryWriter:
             self.partial.mkdir(parents=True)
             for name, shape in shapes.items():
                 self.arrays[name] = np.lib.format.open_memmap(
-                    self.partial / f"{_safe(name)}.npy", mode="w+", dtype=dtype, shape=(num_samples, *shape)
+                    self.partial / f"{safe_name(name)}.npy", mode="w+", dtype=dtype, shape=(num_samples, *shape)
                 )
         except OSError as exc:
             self.abort()
@@ -204,8 +204,8 @@ class CacheEntryWriter:
             manifest = dict(manifest, format_version=FORMAT_VERSION, complete=True)
             manifest["labels"] = self._file_record(f"{LABELS}.npy")
             for name, rec in manifest["levels"].items():
-                rec.update(self._file_record(f"{_safe(name)}.npy"))
-            _write_json_durably(self.partial / MANIFEST, manifest)
+                rec.update(self._file_record(f"{safe_name(name)}.npy"))
+            write_json_durably(self.partial / MANIFEST, manifest)
             _fsync_dir(self.partial)
             if FeatureCache.read_manifest(self.final) is not None:
                 # Someone published the same entry (same inputs, same content); keep theirs.
@@ -231,7 +231,7 @@ class CacheEntryWriter:
         return {"file": filename, "file_bytes": path.stat().st_size, "checksum": file_checksum(path)}
 
 
-def _write_json_durably(path: Path, data: dict) -> None:
+def write_json_durably(path: Path, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2, default=str)
         f.flush()
@@ -246,7 +246,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import config_dir
@@ -15,16 +16,19 @@ from fmtransfer.regimes import REGIMES
 
 
 def resume_target(path: str) -> tuple[Path, DictConfig]:
-    """The interrupted run's directory and its saved (resolved) config, so it continues exactly as it started."""
+    """The interrupted run's directory and its saved (resolved) config, so it continues exactly as it started.
+
+    It continues from ``checkpoints/last.ckpt`` when the run wrote one (see ``trainer.checkpoint_every_s``), else it
+    starts that run again from its first step, in the same directory.
+    """
     run_dir = Path(path).expanduser()
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FmtransferError(f"resume={path}: no config.yaml there; give the run dir an interrupted run printed.")
+    if (run_dir / "metrics.json").is_file():
+        raise FmtransferError(f"resume={path}: that run finished (its results are in {run_dir / 'metrics.json'}).")
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        raise FmtransferError(
-            f"resume={path}: no checkpoints/last.ckpt; the run stopped before its first epoch "
-            f"ended, so start it again without resume."
-        )
+        print(f"[run] {run_dir} stopped before its first checkpoint: starting it again from the first step")
     return run_dir, OmegaConf.load(saved)
 
 
@@ -57,8 +61,9 @@ def train(cfg: DictConfig) -> None:
             raise FmtransferError(f"regime={cfg.regime} is not known; choose one of {sorted(REGIMES)}.")
         print(f"[run] {cfg.regime} regime, writing to {run_dir} (resume an interrupted run with resume={run_dir})")
         metrics = REGIMES[cfg.regime](cfg, run_dir)
-    print(summarise(metrics))
-    print(f"run dir: {run_dir}")
+    if rank_zero_only.rank == 0:  # under DDP the other ranks hold the same numbers
+        print(summarise(metrics))
+        print(f"run dir: {run_dir}")
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ class HeadClassifier(pl.LightningModule):
                 f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
                 f"lower head.lr (now {self.hparams.lr}) or check the inputs for NaN/inf."
             )
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -76,7 +76,7 @@ class HeadClassifier(pl.LightningModule):
     def _eval_step(self, batch, metrics, loss_name: str) -> torch.Tensor:
         logits, labels, loss = self._loss(batch)
         metrics.update(logits, labels)
-        self.log(loss_name, loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log(loss_name, loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return logits
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,6 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from fmtransfer.backbone import (
@@ -81,12 +84,16 @@ class EpochTimer(pl.Callback):
 
     def __init__(self):
         self.seconds: list[float] = []
+        self._t: float | None = None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.seconds.append(time.perf_counter() - self._t)
+        # A run resumed from a checkpoint saved after an epoch's last step starts at that epoch's end: not timed.
+        if self._t is not None:
+            self.seconds.append(time.perf_counter() - self._t)
+        self._t = None
 
 
 def reseed(cfg: DictConfig) -> None:
@@ -121,8 +128,34 @@ def epochs_for(num_train: int, batch_size: int, epochs: int, min_steps: int) -> 
 
 
 def trainer_device_kwargs(cfg: DictConfig) -> dict:
-    """Accelerator and precision from ``cfg.trainer`` (shared by extraction and training)."""
-    return {"accelerator": cfg.trainer.accelerator, "precision": cfg.trainer.precision}
+    """Accelerator, precision and processes (devices x nodes, strategy) from ``cfg.trainer``: extraction and
+    training share them. More than one process runs Lightning DDP (gloo on CPU, NCCL on GPUs)."""
+    t = cfg.trainer
+    return {
+        "accelerator": t.accelerator,
+        "precision": t.precision,
+        "devices": t.get("devices", 1),
+        "num_nodes": t.get("num_nodes", 1),
+        "strategy": t.get("strategy", "auto"),
+    }
+
+
+def evaluate_each_sample_once(loader: DataLoader, trainer: pl.Trainer) -> DataLoader:
+    """``loader`` split across the trainer's processes without padding: under DDP, Lightning's default sampler repeats
+    samples to even out the ranks, which would count them twice in validation and test metrics."""
+    if trainer.world_size == 1:
+        return loader
+    sampler = UnrepeatedDistributedSampler(
+        loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        persistent_workers=loader.persistent_workers,
+    )
 
 
 def fit_and_evaluate(
@@ -143,21 +176,21 @@ def fit_and_evaluate(
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=monitor_mode, save_top_k=1
     )
-    # last.ckpt every ~5% of the run (at least every epoch), whatever the validation schedule: resume point.
+    # last.ckpt: the resume point, written after the first training step that ends ``trainer.checkpoint_every_s``
+    # seconds or more after the previous save (0: every step). Time-based: saving a backbone with its optimiser
+    # state (lite0: ~40 MB) every epoch cost ~20% of the short epochs of small datasets.
     # (Lightning 2.6's save_last only writes alongside a top-k save, so keep the latest as a top-1 of its own.)
     last_epoch = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="last",
         monitor=None,
         save_top_k=1,
-        every_n_epochs=max(1, epochs // 20),
-        save_on_train_epoch_end=True,
+        train_time_interval=timedelta(seconds=float(cfg.trainer.get("checkpoint_every_s", 60))),
         enable_version_counter=False,
     )
     timer = EpochTimer()
     trainer = pl.Trainer(
         **trainer_device_kwargs(cfg),
-        devices=1,
         max_epochs=epochs,
         # About 20 validations per run are plenty to pick a checkpoint; few-shot runs have many one-step epochs.
         check_val_every_n_epoch=max(1, epochs // 20),
@@ -168,6 +201,10 @@ def fit_and_evaluate(
         log_every_n_steps=1,
         enable_progress_bar=False,  # runs of seconds to minutes: a per-step bar would only flood the log
     )
+    loaders = {
+        "train": loaders["train"],
+        **{s: evaluate_each_sample_once(loaders[s], trainer) for s in ("validation", "test")},
+    }
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         print(f"[train] resuming from {last}")
@@ -288,7 +325,8 @@ class RunContext:
             "selected": results["selected"],
             "device": results["device"],
         }
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if rank_zero_only.rank == 0:  # under DDP every rank has the same (synchronised) numbers
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
 
@@ -296,7 +334,8 @@ def start_run(cfg: DictConfig, run_dir: Path, weights: str | None = None, image_
     """Save the resolved config, seed everything, prepare the splits and describe the backbone (no weights loaded)."""
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = load_data(cfg)
     for note in data.notes:

@@ -75,6 +75,7 @@ def run_frozen(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] 
             "entries": {s: str(c.split.path) for s, c in caches.items()},
             "hits": {s: c.hit for s, c in caches.items()},
             "extract_seconds": round(sum(c.extract_seconds for c in caches.values()), 3),
+            "extract_seconds_by_split": {s: round(c.extract_seconds, 3) for s, c in caches.items()},
             "bytes_per_image": {n: r["bytes_per_image"] for n, r in caches["train"].split.manifest["levels"].items()},
         },
         head={"name": cfg.head.name, "levels": [lv.name for lv in head_levels]},

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.analysis import transfer_by_depth
 from fmtransfer.errors import ConfigError
-from fmtransfer.hashing import mapping_key
+from fmtransfer.hashing import mapping_key, source_fingerprint
 from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.regimes import REGIMES
 from fmtransfer.report.environment import describe_environment
@@ -45,11 +45,14 @@ def shots_key(shots) -> str:
 
 
 def report_dir_for(cfg: DictConfig) -> Path:
-    """A directory named by what is compared, so the same command finds (and resumes) the same comparison."""
+    """A directory named by what is compared and by the code that compares it, so the same command with the same
+    code finds (and resumes) the same comparison, and a code change never mixes old runs into a new report."""
     c = cfg.compare
     identity = OmegaConf.to_container(cfg, resolve=True)
     for volatile in ("compare", "paths", "resume"):
         identity.pop(volatile, None)
+    identity["trainer"].pop("progress_bar", None)
+    identity["code"] = source_fingerprint()
     identity["compare"] = {"regimes": list(c.regimes), "seeds": list(c.seeds), "shots": [shots_key(s) for s in c.shots]}
     return Path(c.out_dir) / f"{c.name}-{c.preset}-{mapping_key(identity)}"
 

@@ -1,0 +1,179 @@
+"""Side-by-side measurements behind ``make bench``: each figure is a ratio of two timings taken in the same run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FrozenModule, build_eval_transform, build_suffix
+from fmtransfer.cache import DTYPES, CacheSpec, FeatureCache, ensure_feature_cache, map_shapes
+from fmtransfer.data import ImageClassificationDataset
+from fmtransfer.heads import HeadClassifier, build_head
+from fmtransfer.regimes.common import RunContext, epochs_for, fit_and_evaluate, reseed, trainer_device_kwargs
+from fmtransfer.regimes.live import image_loaders
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls (the least disturbed by other work on the machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def eval_loader(ctx: RunContext, split: str, batch_size: int) -> DataLoader:
+    """Decoded, preprocessed images of ``split`` in order: the inputs extraction sees."""
+    dataset = ImageClassificationDataset(ctx.data.splits[split], build_eval_transform(ctx.data_config))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=ctx.cfg.data.num_workers)
+
+
+def forward_images_per_second(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Bare backbone forward throughput (inference mode) over ``loader``, input loading included."""
+    model.to(device).eval()
+    count = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, *_ in loader:
+            model(images.to(device))
+            count += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def extraction_images_per_second(
+    ctx: RunContext, model: nn.Module, spec: CacheSpec, cache_dir: Path, split: str, batch_size: int
+) -> tuple[float, Path]:
+    """Throughput of a cold cache build (``Trainer.predict``, pooling, cast, memmap writes, checksums, publish)."""
+    cfg = ctx.cfg
+    extractor = FeatureMapExtractor(model, list(spec.levels))
+    start = time.perf_counter()
+    result = ensure_feature_cache(
+        FeatureCache(cache_dir, cfg.cache.verify),
+        split,
+        ctx.data.splits[split],
+        ctx.data.class_names,
+        ctx.spec.name,
+        ctx.spec.weights.identity(),
+        ctx.data_config,
+        build_eval_transform(ctx.data_config),
+        spec,
+        lambda: extractor,
+        trainer_kwargs={**trainer_device_kwargs(cfg), "enable_progress_bar": False},
+        batch_size=batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+    seconds = time.perf_counter() - start
+    return len(ctx.data.splits[split]) / seconds, result.split.path
+
+
+def live_head_run(ctx: RunContext, model: nn.Module, head_cfg: DictConfig, run_dir: Path) -> dict:
+    """The same head as the frozen regime's, with the frozen backbone run in every step (no cache): what
+    Lightning's finetuning callbacks and the PyTorch transfer-learning tutorial do. Its feature normaliser is fitted
+    on one live pass over the training images, timed as part of training."""
+    cfg = ctx.cfg
+    features = FrozenModule(FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]))
+    loaders = image_loaders(ctx, head_cfg.batch_size, augment=False)
+    loaders["train"] = DataLoader(
+        loaders["train"].dataset, batch_size=head_cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers
+    )
+    in_order = DataLoader(loaders["train"].dataset, batch_size=head_cfg.batch_size, num_workers=cfg.data.num_workers)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        train_features = torch.cat([features(images)[PRE_LOGITS] for images, *_ in in_order])
+    normaliser_seconds = time.perf_counter() - start
+    reseed(cfg)
+    head = build_head(
+        head_cfg.name, {PRE_LOGITS: train_features.shape[1]}, ctx.data.num_classes, **dict(head_cfg.options)
+    )
+    head.normalizer.fit({PRE_LOGITS: train_features.clone()})
+    epochs = epochs_for(len(ctx.data.splits["train"]), head_cfg.batch_size, head_cfg.epochs, head_cfg.min_steps)
+    module = HeadClassifier(
+        head,
+        ctx.data.num_classes,
+        lr=head_cfg.lr,
+        weight_decay=head_cfg.weight_decay,
+        max_epochs=epochs,
+        label_smoothing=head_cfg.label_smoothing,
+        features=features,
+    )
+    results = fit_and_evaluate(cfg, module, loaders, run_dir, epochs, head_cfg.monitor, head_cfg.monitor_mode)
+    results["train_seconds"] = round(results["train_seconds"] + normaliser_seconds, 3)
+    return results
+
+
+def forward_flops(module: nn.Module, inputs: torch.Tensor) -> int:
+    """FLOPs of one forward pass, counted by PyTorch's FlopCounterMode (grouped convolutions counted correctly)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(inputs)
+    return int(counter.get_total_flops())
+
+
+def partial_flop_ratio(model: nn.Module, level, image_size: tuple[int, int, int]) -> dict:
+    """FLOPs of a partial-regime step with the prefix run live over one with the prefix read from the cache: the
+    speed-up a cached prefix can give at most (the prefix runs without gradients either way).
+
+    A training step of the suffix is counted as 3x its forward (backward: gradients of inputs and weights), the
+    usual rule; FlopCounterMode's own count of ``convolution_backward`` ignores groups and overstates depthwise
+    convolutions about 45-fold.
+    """
+    prefix = FrozenModule(FeatureMapExtractor(model, [level]))
+    suffix = build_suffix(model, level).eval()
+    image = torch.randn(1, *image_size)
+    with torch.no_grad():
+        cached_input = prefix(image)[level.name]
+    prefix_flops = forward_flops(prefix, image)
+    suffix_step = 3 * forward_flops(suffix, cached_input)
+    return {
+        "prefix_forward_flops": prefix_flops,
+        "suffix_train_step_flops": suffix_step,
+        "flop_ratio": (prefix_flops + suffix_step) / suffix_step,
+    }
+
+
+def read_and_memcpy_gbps(entry: Path, repeats: int = 3) -> dict:
+    """Reading a cache entry's level arrays into memory, as head training does before its first epoch (page cache
+    warm, as right after extraction), vs a plain in-memory copy of the same number of bytes."""
+    from fmtransfer.cache import CachedSplit
+
+    split = CachedSplit(entry, FeatureCache.read_manifest(entry))
+    arrays = [split.level(name) for name in split.level_names]
+    nbytes = sum(a.nbytes for a in arrays)
+
+    def read_all() -> None:
+        for name in split.level_names:
+            np.array(split.level(name))
+
+    read_all()  # warm the page cache
+    read = best_seconds(read_all, repeats)
+    source = np.concatenate([np.asarray(a).reshape(-1).view(np.uint8) for a in arrays])
+    target = np.empty_like(source)
+    copy = best_seconds(lambda: np.copyto(target, source), repeats)
+    return {"bytes": int(nbytes), "read_gb_per_s": nbytes / read / 1e9, "memcpy_gb_per_s": nbytes / copy / 1e9}
+
+
+def bytes_per_image(model: nn.Module, levels, image_size: tuple[int, int, int], pool_size: int) -> dict:
+    """Disk bytes per image of each level for the cache settings a user chooses between."""
+    settings = {
+        "float32": CacheSpec(tuple(levels), "float32", "none"),
+        "float16": CacheSpec(tuple(levels), "float16", "none"),
+        f"float16_avg{pool_size}": CacheSpec(tuple(levels), "float16", "avg", pool_size),
+        "float16_global": CacheSpec(tuple(levels), "float16", "global"),
+    }
+    extractor = FeatureMapExtractor(model, list(levels))
+    out: dict[str, dict[str, int]] = {}
+    for name, spec in settings.items():
+        shapes = map_shapes(extractor, spec, image_size)
+        itemsize = np.dtype(DTYPES[spec.dtype]).itemsize
+        out[name] = {level: int(np.prod(shape)) * itemsize for level, shape in shapes.items()}
+    return out

@@ -1,0 +1,63 @@
+"""make bench: every figure is measured (a real backbone, real images, a real Trainer) and written to bench.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fmtransfer.cli.bench import main as bench_main
+
+FIGURES = ("extract_over_forward", "cached_head_speedup_e3", "partial_cached_over_live", "read_over_memcpy")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = [
+        f"paths.data_dir={out / 'data'}",
+        f"paths.log_dir={out / 'logs'}",
+        f"bench.out_dir={out / 'bench'}",
+        "data.image_size=32",
+        "data.shots_per_class=5",
+        "bench.epochs=3",
+        "bench.partial_epochs=1",
+        "bench.rounds=1",
+        "bench.repeats=1",
+    ]
+    return out, args
+
+
+def test_bench_writes_every_figure_and_prints_its_path_last(bench, capsys):
+    out, args = bench
+    bench_main(args)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"bench: {(out / 'bench' / 'bench.json').resolve()}"
+    result = json.loads((out / "bench" / "bench.json").read_text())
+    for key in FIGURES:
+        assert result[key] > 0 and key in result["targets"], key
+        assert any(line.startswith(key) for line in printed), f"{key} missing from the printed table"
+    t = result["timings"]
+    # Both sides of the head comparison trained the same head on the same data to (nearly) the same model.
+    assert abs(t["head"]["cached_test_acc"] - t["head"]["live_test_acc"]) <= 0.05
+    assert result["cached_head_speedup_e3"] == pytest.approx(
+        t["head"]["live_total_seconds"] / t["head"]["cached_total_seconds"], rel=0.01
+    )
+    # A cached prefix can only save the prefix's forward: its FLOP ratio lies between 1 and the full/suffix ratio.
+    assert 1.0 < t["partial"]["flop_ratio"] < 10
+    assert result["device"] == ("CPU" if not torch.cuda.is_available() else result["device"])
+    assert not (out / "bench" / "cache").exists(), "the bench's cold caches should be removed"
+
+
+def test_bytes_per_image_match_what_the_cache_writes(bench):
+    out, _ = bench
+    result = json.loads((out / "bench" / "bench.json").read_text())
+    sizes = result["bytes_per_image"]
+    # float16 halves float32; pooling only ever shrinks; the frozen run's manifest recorded the same avg8 sizes.
+    for level, fp32 in sizes["float32"].items():
+        assert sizes["float16"][level] * 2 == fp32
+        assert sizes["float16_global"][level] <= sizes["float16_avg8"][level] <= sizes["float16"][level]
+    metrics = json.loads((out / "bench" / "head-cached" / "metrics.json").read_text())
+    for level, nbytes in metrics["cache"]["bytes_per_image"].items():
+        assert sizes["float16_avg8"][level] == nbytes
