@@ -64,6 +64,29 @@ class CachedSplit:
             raise CacheError(f"level {name!r} is not in the cache {self.path} (it holds {self.level_names}).")
         return np.load(self.path / self.manifest["levels"][name]["file"], mmap_mode="r")
 
+    def load(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Level ``name`` read whole into memory (into ``out`` if given: same shape and dtype).
+
+        Plain ``read`` calls rather than copying from the memory map: no page fault per 4 KiB of the file.
+        """
+        mapped = self.level(name)
+        if out is None:
+            out = np.empty(mapped.shape, mapped.dtype)
+        elif out.shape != mapped.shape or out.dtype != mapped.dtype:
+            raise CacheError(f"cannot read level {name!r} {mapped.shape} {mapped.dtype} into {out.shape} {out.dtype}.")
+        offset, path = mapped.offset, Path(mapped.filename)
+        del mapped
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            done = 0
+            while done < len(view):  # a read returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CacheError(f"{path} ended after {done} of {len(view)} bytes; the cache entry is damaged.")
+                done += n
+        return out
+
     def labels(self) -> np.ndarray:
         return np.load(self.path / self.manifest["labels"]["file"])
 

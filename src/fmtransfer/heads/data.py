@@ -70,7 +70,7 @@ class CachedMapDataset(Dataset):
     @classmethod
     def from_cache(cls, split: CachedSplit, level: str) -> CachedMapDataset:
         # A copy: the maps are read once into memory (float16), then every epoch indexes RAM, not the disk.
-        return cls(torch.from_numpy(np.array(split.level(level))), torch.from_numpy(split.labels()))
+        return cls(torch.from_numpy(split.load(level)), torch.from_numpy(split.labels()))
 
     def __len__(self) -> int:
         return len(self.labels)
