@@ -69,16 +69,18 @@ class CachedSplit:
 
         Plain ``read`` calls rather than copying from the memory map: no page fault per 4 KiB of the file.
         """
-        mapped = self.level(name)
-        if out is None:
-            out = np.empty(mapped.shape, mapped.dtype)
-        elif out.shape != mapped.shape or out.dtype != mapped.dtype:
-            raise CacheError(f"cannot read level {name!r} {mapped.shape} {mapped.dtype} into {out.shape} {out.dtype}.")
-        offset, path = mapped.offset, Path(mapped.filename)
-        del mapped
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        if name not in self.manifest["levels"]:
+            raise CacheError(f"level {name!r} is not in the cache {self.path} (it holds {self.level_names}).")
+        path = self.path / self.manifest["levels"][name]["file"]
         with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(f)
+            if out is None:
+                out = np.empty(shape, dtype)
+            elif out.shape != shape or out.dtype != dtype:
+                raise CacheError(f"cannot read level {name!r} {shape} {dtype} into {out.shape} {out.dtype}.")
+            view = memoryview(out.reshape(-1).view(np.uint8))
             done = 0
             while done < len(view):  # a read returns at most ~2 GiB on Linux
                 n = f.readinto(view[done:])
