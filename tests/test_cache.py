@@ -105,6 +105,22 @@ def test_extraction_writes_maps_manifest_and_matches_a_direct_forward(tmp_path, 
     np.testing.assert_allclose(entry.level("pre_logits")[:4], direct["pre_logits"].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_load_reads_a_level_whole_and_refuses_damaged_files(tmp_path, spec, model, digits):
+    result, _ = build(FeatureCache(tmp_path), digits.splits["train"], spec, model, pool="none", dtype="float16")
+    entry = result.split
+    for name in entry.level_names:
+        loaded = entry.load(name)
+        assert loaded.dtype == np.float16 and np.array_equal(loaded, np.asarray(entry.level(name)))
+    out = np.zeros_like(entry.load("level1"))
+    assert entry.load("level1", out) is out and np.array_equal(out, np.asarray(entry.level("level1")))
+    with pytest.raises(CacheError, match="cannot read level 'level1'"):
+        entry.load("level1", np.zeros((1, 2), np.float16))
+    path = entry.path / entry.manifest["levels"]["level1"]["file"]
+    path.write_bytes(path.read_bytes()[:-100])  # truncated after it was published
+    with pytest.raises(CacheError, match="ended after"):
+        entry.load("level1")
+
+
 def test_second_request_reuses_the_cache_without_building_the_backbone(tmp_path, spec, model, digits):
     cache = FeatureCache(tmp_path)
     first, _ = build(cache, digits.splits["train"], spec, model)
