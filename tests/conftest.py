@@ -9,6 +9,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,22 @@ from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def run_train_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m fmtransfer.cli.train ARGS`` (what ``make train`` runs) in a fresh process, offline."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("LOCAL_RANK", None)  # never look like a DDP child of the test process
+    return subprocess.run(
+        [sys.executable, "-m", "fmtransfer.cli.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def digits_images(n_per_class: int = 12, classes: int = 3) -> list[tuple[Image.Image, int]]:

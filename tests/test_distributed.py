@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env.pop("LOCAL_RANK", None)
-    return subprocess.run(
-        [sys.executable, "-m", "fmtransfer.cli.train", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from .conftest import run_train_cli
 
 
 def _entries(cache_dir: Path) -> dict[str, Path]:
@@ -43,9 +28,9 @@ def test_two_process_extraction_writes_the_single_process_cache(tmp_path):
         "head.min_steps=0",
         "trainer.progress_bar=false",
     ]
-    single = _train([*common, f"paths.data_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'run1'}"])
+    single = run_train_cli([*common, f"paths.data_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'run1'}"])
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _train(
+    ddp = run_train_cli(
         [
             *common,
             "trainer.devices=2",

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from fmtransfer.cli.config import compose_config
 from fmtransfer.regimes import run_frozen
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import run_train_cli
 
 
 def test_frozen_run_writes_metrics_and_reuses_its_cache(tmp_path, tiny_overrides):
@@ -47,20 +43,8 @@ def test_switching_heads_reuses_the_cache(tmp_path, tiny_overrides):
         assert metrics["head"]["name"] == head and metrics["head"]["levels"] == ["pre_logits"]
 
 
-def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "fmtransfer.cli.train", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_cli_prints_the_run_dir_last(tmp_path, tiny_overrides):
-    proc = _cli([*tiny_overrides, f"hydra.run.dir={tmp_path / 'cli-run'}"], tmp_path)
+    proc = run_train_cli([*tiny_overrides, f"hydra.run.dir={tmp_path / 'cli-run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last == f"run dir: {tmp_path / 'cli-run'}"
@@ -78,7 +62,7 @@ def test_cli_prints_the_run_dir_last(tmp_path, tiny_overrides):
     ],
 )
 def test_cli_bad_input_is_one_clear_line_not_a_traceback(tmp_path, tiny_overrides, override, message):
-    proc = _cli([*tiny_overrides, override, f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path)
+    proc = run_train_cli([*tiny_overrides, override, f"hydra.run.dir={tmp_path / 'bad'}"])
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
