@@ -155,7 +155,9 @@ def ensure_feature_cache(
     if found is not None:
         return CacheResult(found, hit=True, extract_seconds=0.0)
     key = fingerprint_key(parts)
-    trainer = pl.Trainer(**(trainer_kwargs or {}), logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        **{"devices": 1, **(trainer_kwargs or {})}, logger=False, enable_checkpointing=False, enable_model_summary=False
+    )
     distributed = trainer.world_size > 1
     # Under DDP only rank 0 takes the entry's lock: the other ranks are its own workers (they start when it first
     # predicts), so they must not wait on it.
@@ -197,7 +199,7 @@ def ensure_feature_cache(
                 manifest = extraction_manifest(key, parts, split_name, len(split), class_names, spec, shapes, seconds)
                 if distribution is not None:
                     manifest["distributed"] = distribution
-                writer.publish({**manifest, **(extra_manifest or {})})
+                path = writer.publish({**manifest, **(extra_manifest or {})})
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -207,6 +209,8 @@ def ensure_feature_cache(
         trainer.strategy.barrier("fmtransfer-cache-published")  # the other ranks read what rank 0 published
         if writer is not None:
             remove_shards(shards)
+    if writer is not None:  # rank 0 / the only process: what it just published, without re-hashing it
+        return CacheResult(CachedSplit(path, FeatureCache.read_manifest(path)), hit=False, extract_seconds=seconds)
     found = cache.find(backbone_name, split_name, parts, names)
     if found is None:
         raise CacheError(f"the cache entry {final} was not published (see rank 0's error).")
