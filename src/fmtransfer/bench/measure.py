@@ -8,16 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FrozenModule, build_eval_transform, build_suffix
-from fmtransfer.cache import DTYPES, CacheSpec, FeatureCache, ensure_feature_cache, map_shapes
+from fmtransfer.cache import DTYPES, CacheSpec, FeatureCache, map_shapes
 from fmtransfer.data import ImageClassificationDataset
-from fmtransfer.heads import HeadClassifier, build_head
-from fmtransfer.regimes.common import RunContext, epochs_for, fit_and_evaluate, reseed, trainer_device_kwargs
+from fmtransfer.regimes.common import RunContext
+from fmtransfer.regimes.frozen import fit_configured_head
 from fmtransfer.regimes.live import image_loaders
 
 
@@ -52,38 +51,25 @@ def forward_images_per_second(model: nn.Module, loader: DataLoader, device: torc
 
 
 def extraction_images_per_second(
-    ctx: RunContext, model: nn.Module, spec: CacheSpec, cache_dir: Path, split: str, batch_size: int
+    ctx: RunContext, model: nn.Module, spec: CacheSpec, cache_dir: Path, split: str
 ) -> tuple[float, Path]:
     """Throughput of a cold cache build (``Trainer.predict``, pooling, cast, memmap writes, checksums, publish)."""
-    cfg = ctx.cfg
     extractor = FeatureMapExtractor(model, list(spec.levels))
     start = time.perf_counter()
-    result = ensure_feature_cache(
-        FeatureCache(cache_dir, cfg.cache.verify),
-        split,
-        ctx.data.splits[split],
-        ctx.data.class_names,
-        ctx.spec.name,
-        ctx.spec.weights.identity(),
-        ctx.data_config,
-        build_eval_transform(ctx.data_config),
-        spec,
-        lambda: extractor,
-        trainer_kwargs={**trainer_device_kwargs(cfg), "enable_progress_bar": False},
-        batch_size=batch_size,
-        num_workers=cfg.data.num_workers,
-    )
+    result = ctx.cache_split(FeatureCache(cache_dir, ctx.cfg.cache.verify), split, spec, lambda: extractor)
     seconds = time.perf_counter() - start
     return len(ctx.data.splits[split]) / seconds, result.split.path
 
 
-def live_head_run(ctx: RunContext, model: nn.Module, head_cfg: DictConfig, run_dir: Path) -> dict:
+def live_head_run(ctx: RunContext, model: nn.Module) -> dict:
     """The same head as the frozen regime's, with the frozen backbone run in every step (no cache): what
     Lightning's finetuning callbacks and the PyTorch transfer-learning tutorial do. Its feature normaliser is fitted
     on one live pass over the training images, timed as part of training."""
     cfg = ctx.cfg
+    head_cfg = cfg.head
     features = FrozenModule(FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]))
     loaders = image_loaders(ctx, head_cfg.batch_size, augment=False)
+    # Shuffled, without image_loaders' drop_last: the same batches per epoch as the cached side's feature loader.
     loaders["train"] = DataLoader(
         loaders["train"].dataset, batch_size=head_cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers
     )
@@ -92,22 +78,9 @@ def live_head_run(ctx: RunContext, model: nn.Module, head_cfg: DictConfig, run_d
     with torch.inference_mode():
         train_features = torch.cat([features(images)[PRE_LOGITS] for images, *_ in in_order])
     normaliser_seconds = time.perf_counter() - start
-    reseed(cfg)
-    head = build_head(
-        head_cfg.name, {PRE_LOGITS: train_features.shape[1]}, ctx.data.num_classes, **dict(head_cfg.options)
+    results = fit_configured_head(
+        cfg, {PRE_LOGITS: train_features.clone()}, loaders, ctx.data.num_classes, ctx.run_dir, features=features
     )
-    head.normalizer.fit({PRE_LOGITS: train_features.clone()})
-    epochs = epochs_for(len(ctx.data.splits["train"]), head_cfg.batch_size, head_cfg.epochs, head_cfg.min_steps)
-    module = HeadClassifier(
-        head,
-        ctx.data.num_classes,
-        lr=head_cfg.lr,
-        weight_decay=head_cfg.weight_decay,
-        max_epochs=epochs,
-        label_smoothing=head_cfg.label_smoothing,
-        features=features,
-    )
-    results = fit_and_evaluate(cfg, module, loaders, run_dir, epochs, head_cfg.monitor, head_cfg.monitor_mode)
     results["train_seconds"] = round(results["train_seconds"] + normaliser_seconds, 3)
     return results
 

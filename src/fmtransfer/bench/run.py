@@ -59,7 +59,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     for attempt in range(b.rounds):
         forward_ips = max(forward_ips, forward_images_per_second(model, loader, device))
         folder = cache_dir / f"extract{attempt}"
-        ips, entry = extraction_images_per_second(ctx, model, spec, folder, "train", batch)
+        ips, entry = extraction_images_per_second(ctx, model, spec, folder, "train")
         extract_ips = max(extract_ips, ips)
 
     # 2. A head for E epochs: from the cache vs with the frozen backbone run in every step. Both validate on the same
@@ -70,7 +70,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     build = cached["cache"]["extract_seconds_by_split"]
     cached_seconds = build["train"] + build["validation"] + cached["train_seconds"]
     live_cfg = run_config(cfg, cache_dir / "head", **head_overrides)
-    live = live_head_run(start_run(live_cfg, out_dir / "head-live"), model, live_cfg.head, out_dir / "head-live")
+    live = live_head_run(start_run(live_cfg, out_dir / "head-live"), model)
 
     # 3. partial: epoch time with the prefix read from the cache vs run live (no gradients).
     level = split_level(list(ctx.spec.levels), cfg.regimes.partial.k)

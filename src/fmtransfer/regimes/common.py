@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -261,9 +261,7 @@ class RunContext:
 
     def cache_splits(self, levels: Sequence[LevelInfo], cache_spec: CacheSpec) -> dict[str, CacheResult]:
         """Every split's maps for ``levels``, from the cache or extracted now (the backbone is built once, lazily)."""
-        cfg = self.cfg
-        transform = build_eval_transform(self.data_config)
-        cache = FeatureCache(cfg.cache.dir, cfg.cache.verify)
+        cache = FeatureCache(self.cfg.cache.dir, self.cfg.cache.verify)
         built: dict[str, FeatureMapExtractor] = {}
 
         def build_extractor() -> FeatureMapExtractor:
@@ -271,28 +269,32 @@ class RunContext:
                 built["extractor"] = FeatureMapExtractor(self.spec.create()[0], list(levels))
             return built["extractor"]
 
-        results = {
-            split: ensure_feature_cache(
-                cache,
-                split,
-                self.data.splits[split],
-                self.data.class_names,
-                self.spec.name,
-                self.spec.weights.identity(),
-                self.data_config,
-                transform,
-                cache_spec,
-                build_extractor,
-                trainer_kwargs={**trainer_device_kwargs(cfg), "enable_progress_bar": cfg.trainer.progress_bar},
-                batch_size=cfg.cache.batch_size,
-                num_workers=cfg.data.num_workers,
-                extra_manifest={"weights": self.spec.weights.label, "split_source": self.data.split_source[split]},
-            )
-            for split in SPLITS
-        }
+        results = {split: self.cache_split(cache, split, cache_spec, build_extractor) for split in SPLITS}
         hit = all(c.hit for c in results.values())
         print(f"[cache] {'hit: reusing' if hit else 'built'} {results['train'].split.path.parent}")
         return results
+
+    def cache_split(
+        self, cache: FeatureCache, split: str, cache_spec: CacheSpec, build_extractor: Callable[[], FeatureMapExtractor]
+    ) -> CacheResult:
+        """One split's maps in ``cache``, from it or extracted now by ``build_extractor()`` (called on a miss)."""
+        cfg = self.cfg
+        return ensure_feature_cache(
+            cache,
+            split,
+            self.data.splits[split],
+            self.data.class_names,
+            self.spec.name,
+            self.spec.weights.identity(),
+            self.data_config,
+            build_eval_transform(self.data_config),
+            cache_spec,
+            build_extractor,
+            trainer_kwargs={**trainer_device_kwargs(cfg), "enable_progress_bar": cfg.trainer.progress_bar},
+            batch_size=cfg.cache.batch_size,
+            num_workers=cfg.data.num_workers,
+            extra_manifest={"weights": self.spec.weights.label, "split_source": self.data.split_source[split]},
+        )
 
     def metrics(self, regime: str, results: dict, **extra) -> dict:
         """The run's ``metrics.json`` (written into the run dir), common fields first."""

@@ -6,7 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
 
 from fmtransfer.backbone import LevelInfo, parse_levels
 from fmtransfer.cache import CacheResult, CacheSpec
@@ -40,11 +43,27 @@ def train_head(
 ) -> dict:
     """Fit the configured head on cached train maps, select on validation, evaluate test once."""
     sets = {s: PooledFeatureDataset.from_cache(caches[s].split, head_levels) for s in SPLITS}
+    loaders = {s: feature_loader(sets[s], cfg.head.batch_size, shuffle=s == "train") for s in SPLITS}
+    return fit_configured_head(cfg, sets["train"].features, loaders, num_classes, run_dir, callbacks=callbacks)
+
+
+def fit_configured_head(
+    cfg: DictConfig,
+    train_features: dict[str, torch.Tensor],
+    loaders: dict[str, DataLoader],
+    num_classes: int,
+    run_dir: Path,
+    features: nn.Module | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+) -> dict:
+    """The ``cfg.head`` head, its normaliser fitted on ``train_features``, trained on ``loaders`` (whose inputs
+    ``features`` maps to the head's input, when given), selected on validation, tested once."""
     reseed(cfg)
-    head = build_head(cfg.head.name, sets["train"].dims, num_classes, **OmegaConf.to_container(cfg.head.options))
-    head.normalizer.fit(sets["train"].features)
-    bs = cfg.head.batch_size
-    epochs = epochs_for(len(sets["train"]), bs, cfg.head.epochs, cfg.head.min_steps)
+    dims = {k: int(v.shape[1]) for k, v in train_features.items()}
+    head = build_head(cfg.head.name, dims, num_classes, **OmegaConf.to_container(cfg.head.options))
+    head.normalizer.fit(train_features)
+    num_train = len(next(iter(train_features.values())))
+    epochs = epochs_for(num_train, cfg.head.batch_size, cfg.head.epochs, cfg.head.min_steps)
     module = HeadClassifier(
         head,
         num_classes,
@@ -52,8 +71,8 @@ def train_head(
         weight_decay=cfg.head.weight_decay,
         max_epochs=epochs,
         label_smoothing=cfg.head.label_smoothing,
+        features=features,
     )
-    loaders = {s: feature_loader(sets[s], bs, shuffle=s == "train") for s in SPLITS}
     return fit_and_evaluate(cfg, module, loaders, run_dir, epochs, cfg.head.monitor, cfg.head.monitor_mode, callbacks)
 
 
