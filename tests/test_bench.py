@@ -9,7 +9,13 @@ import torch
 
 from fmtransfer.cli.bench import main as bench_main
 
-FIGURES = ("extract_over_forward", "cached_head_speedup_e3", "partial_cached_over_live", "read_over_memcpy")
+FIGURES = (
+    "extract_over_forward",
+    "extract_over_forward_predecoded",
+    "cached_head_speedup_e3",
+    "partial_cached_over_live",
+    "read_over_memcpy",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +49,16 @@ def test_bench_writes_every_figure_and_prints_its_path_last(bench, capsys):
     assert abs(t["head"]["cached_test_acc"] - t["head"]["live_test_acc"]) <= 0.05
     assert result["cached_head_speedup_e3"] == pytest.approx(
         t["head"]["live_total_seconds"] / t["head"]["cached_total_seconds"], rel=0.01
+    )
+    # The untargeted figures: both layouts and both ways of batching the cached features were measured.
+    assert set(t["extract_images_per_s_by_layout"]) == {"nchw", "nhwc"}
+    assert result["extract_nhwc_over_nchw"] == pytest.approx(
+        t["extract_images_per_s_by_layout"]["nhwc"] / t["extract_images_per_s_by_layout"]["nchw"], rel=0.01
+    )
+    assert t["channels_last"] is torch.cuda.is_available()
+    assert result["extract_predecoded_images_per_s"] == t["predecoded"]["extract_images_per_s"] > 0
+    assert result["resident_over_dataloader"] == pytest.approx(
+        t["head"]["dataloader_seconds_per_epoch"] / t["head"]["resident_seconds_per_epoch"], rel=0.01
     )
     # A cached prefix can only save the prefix's forward: its FLOP ratio lies between 1 and the full/suffix ratio.
     assert 1.0 < t["partial"]["flop_ratio"] < 10

@@ -11,6 +11,7 @@ from fmtransfer.backbone.model import (
     describe_backbone,
     describe_levels,
     parse_levels,
+    to_channels_last,
 )
 from fmtransfer.backbone.split import SUFFIX_BUILDERS, build_suffix, split_level
 from fmtransfer.backbone.transforms import build_eval_transform, build_train_transform, resolve_data_config
@@ -46,4 +47,5 @@ __all__ = [
     "resolve_weights_source",
     "split_level",
     "state_dict_checksum",
+    "to_channels_last",
 ]

@@ -141,6 +141,27 @@ class FeatureMapExtractor(nn.Module):
         return {lv.name: out[lv.name] for lv in self.levels}
 
 
+def _inputs_channels_last(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous(memory_format=torch.channels_last) if _is_image_batch(a) else a for a in args)
+
+
+def _is_image_batch(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 4
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module`` (in place) with channels-last (NHWC) weights, its 4-D inputs converted as they arrive.
+
+    On GPUs with tensor cores, NHWC convolutions skip the layout transposes NCHW needs. The parameter names and
+    the outputs' values stay the same (up to float rounding), so checkpoints and caches are unaffected. Calling it
+    again on the same module changes nothing.
+    """
+    module.to(memory_format=torch.channels_last)
+    if _inputs_channels_last not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_inputs_channels_last)
+    return module
+
+
 class FrozenModule(nn.Module):
     """Wraps a module so it never trains: no gradients, and BatchNorm/dropout stay in eval mode.
 

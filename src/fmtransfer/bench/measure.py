@@ -7,13 +7,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FrozenModule, build_eval_transform, build_suffix
-from fmtransfer.cache import DTYPES, CacheSpec, FeatureCache, map_shapes
+from fmtransfer.cache import (
+    DTYPES,
+    CacheSpec,
+    FeatureCache,
+    FeatureExtractionModule,
+    FeatureMapWriter,
+    extraction_manifest,
+    map_shapes,
+)
 from fmtransfer.data import ImageClassificationDataset
 from fmtransfer.regimes.common import RunContext
 from fmtransfer.regimes.frozen import fit_configured_head
@@ -30,20 +39,26 @@ def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     return min(times)
 
 
-def eval_loader(ctx: RunContext, split: str, batch_size: int) -> DataLoader:
+def eval_loader(ctx: RunContext, split: str, batch_size: int, pin_memory: bool = False) -> DataLoader:
     """Decoded, preprocessed images of ``split`` in order: the inputs extraction sees."""
     dataset = ImageClassificationDataset(ctx.data.splits[split], build_eval_transform(ctx.data_config))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=ctx.cfg.data.num_workers)
+    workers = ctx.cfg.data.num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
-def forward_images_per_second(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Bare backbone forward throughput (inference mode) over ``loader``, input loading included."""
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def forward_images_per_second(model: nn.Module, loader: DataLoader, device: torch.device, precision: str) -> float:
+    """Bare backbone forward throughput (inference mode) over ``loader``, input loading included, under the
+    autocast that Lightning's ``precision`` setting gives extraction (none for 32-true)."""
     model.to(device).eval()
+    dtype = AUTOCAST_DTYPES.get(str(precision))
     count = 0
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for images, *_ in loader:
-            model(images.to(device))
+            model(images.to(device, non_blocking=True))
             count += len(images)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -59,6 +74,57 @@ def extraction_images_per_second(
     result = ctx.cache_split(FeatureCache(cache_dir, ctx.cfg.cache.verify), split, spec, lambda: extractor)
     seconds = time.perf_counter() - start
     return len(ctx.data.splits[split]) / seconds, result.split.path
+
+
+class PredecodedImages(Dataset):
+    """A split decoded and preprocessed once into one tensor, served a batch at a time: what extraction costs when
+    JPEG decoding is not the bottleneck (on a fast GPU it is, unless many loader workers decode in parallel)."""
+
+    def __init__(self, loader: DataLoader):
+        batches = [(images, labels) for images, labels, *_ in loader]
+        self.images = torch.cat([b[0] for b in batches])
+        self.labels = torch.cat([b[1] for b in batches])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        return self.images[idx], self.labels[idx], idx
+
+
+def _whole_batch(batch):
+    return batch
+
+
+def predecoded_loader(images: PredecodedImages, batch_size: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(images, batch_size=batch_size, collate_fn=_whole_batch, pin_memory=pin_memory)
+
+
+def predecoded_extraction_images_per_second(
+    loader: DataLoader, extractor: FeatureMapExtractor, spec: CacheSpec, cache_dir: Path, trainer_kwargs: dict
+) -> float:
+    """Extraction + cache write from pre-decoded inputs: the cache build's own pieces (``Trainer.predict`` of
+    ``FeatureExtractionModule``, ``FeatureMapWriter`` into a ``CacheEntryWriter``, checksums, atomic publish), fed
+    from memory instead of from image files."""
+    dataset: PredecodedImages = loader.dataset
+    n = len(dataset)
+    shapes = map_shapes(extractor, spec, tuple(dataset.images.shape[1:]))
+    writer = FeatureCache(cache_dir).writer("bench", "predecoded", "0")
+    trainer = pl.Trainer(
+        **{**trainer_kwargs, "devices": 1, "num_nodes": 1},
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        callbacks=[FeatureMapWriter(writer)],
+    )
+    start = time.perf_counter()
+    writer.create(n, shapes, DTYPES[spec.dtype])
+    trainer.predict(FeatureExtractionModule(extractor, spec), loader, return_predictions=False)
+    seconds = time.perf_counter() - start
+    writer.publish(extraction_manifest("0", {}, "predecoded", n, [], spec, shapes, seconds))
+    return n / (time.perf_counter() - start)
 
 
 def live_head_run(ctx: RunContext, model: nn.Module) -> dict:

@@ -8,6 +8,7 @@ from fmtransfer.cache.extract import (
     FeatureMapWriter,
     cache_parts,
     ensure_feature_cache,
+    extraction_manifest,
     map_shapes,
     pool_map,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "FeatureMapWriter",
     "cache_parts",
     "ensure_feature_cache",
+    "extraction_manifest",
     "fingerprint_key",
     "map_shapes",
     "pool_map",

@@ -15,7 +15,7 @@ from datasets import Dataset
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, LevelInfo
+from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, LevelInfo, to_channels_last
 from fmtransfer.cache.shards import ShardWriter, merge_shards, remove_shards, shard_root
 from fmtransfer.cache.store import CachedSplit, CacheEntryWriter, FeatureCache, fingerprint_key, now_iso
 from fmtransfer.data import ImageClassificationDataset, split_fingerprint
@@ -140,12 +140,15 @@ def ensure_feature_cache(
     batch_size: int = 64,
     num_workers: int = 0,
     extra_manifest: dict | None = None,
+    channels_last: bool = False,
+    pin_memory: bool = False,
 ) -> CacheResult:
     """Return the cached maps of ``split``, extracting them first if no complete entry matches.
 
     ``build_extractor`` is only called on a miss, so a cache hit never loads or runs the backbone. With a
     multi-process ``trainer_kwargs`` (``devices``/``num_nodes`` > 1: Lightning DDP) every rank extracts its part of
     the split into a shard and rank 0 merges the shards into the same entry a single process would write.
+    ``channels_last`` runs the backbone in NHWC layout and ``pin_memory`` pins the image batches (both for GPUs).
     """
     parts = cache_parts(
         backbone_name, weights_checksum, data_config, repr(transform), split_name, split_fingerprint(split), spec
@@ -172,6 +175,8 @@ def ensure_feature_cache(
         start = time.perf_counter()
         extractor: FeatureMapExtractor = build_extractor()
         shapes = map_shapes(extractor, spec, tuple(data_config["input_size"]))
+        if channels_last:
+            to_channels_last(extractor)
         final = cache.entry_dir(backbone_name, split_name, key)
         writer = cache.writer(backbone_name, split_name, key) if trainer.global_rank == 0 else None
         try:
@@ -187,6 +192,7 @@ def ensure_feature_cache(
                 shuffle=False,
                 num_workers=num_workers,
                 persistent_workers=False,
+                pin_memory=pin_memory,
             )
             print(
                 f"[cache] extracting {', '.join(names)} for {len(split)} '{split_name}' images"

@@ -1,6 +1,13 @@
 """Heads stage: small classifiers trained on cached (pooled) feature maps."""
 
-from fmtransfer.heads.data import CachedMapDataset, PooledFeatureDataset, feature_loader, pooled_level
+from fmtransfer.heads.data import (
+    CachedMapDataset,
+    InMemoryDataset,
+    PooledFeatureDataset,
+    ResidentBatches,
+    feature_loader,
+    pooled_level,
+)
 from fmtransfer.heads.fit import fit_probe_in_place
 from fmtransfer.heads.heads import (
     HEADS,
@@ -17,10 +24,12 @@ __all__ = [
     "CachedMapDataset",
     "FeatureNormalizer",
     "HeadClassifier",
+    "InMemoryDataset",
     "LinearProbeHead",
     "MLPHead",
     "MultiLayerHead",
     "PooledFeatureDataset",
+    "ResidentBatches",
     "build_head",
     "feature_loader",
     "fit_probe_in_place",

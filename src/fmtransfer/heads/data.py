@@ -1,8 +1,13 @@
-"""Cached maps as head-training data: globally pooled once, held in memory, served a whole batch at a time."""
+"""Cached maps as head-training data: globally pooled once, held in memory, served a whole batch at a time.
+
+Both datasets hold plain tensors, so a small one can be moved to the training device once (``to``) and batched
+there by ``ResidentBatches``: no DataLoader, no per-step host-to-device copy.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,18 +51,17 @@ class PooledFeatureDataset(Dataset):
     def __getitem__(self, index: int):
         return {k: v[index] for k, v in self.features.items()}, self.labels[index]
 
-    def __getitems__(self, indices: list[int]):
-        idx = torch.as_tensor(indices)
+    def __getitems__(self, indices: list[int] | torch.Tensor):
+        idx = torch.as_tensor(indices, device=self.labels.device)
         return {k: v[idx] for k, v in self.features.items()}, self.labels[idx]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.features.values()) + self.labels.nbytes
 
-def _whole_batch(batch):
-    return batch
-
-
-def feature_loader(dataset: PooledFeatureDataset, batch_size: int, shuffle: bool) -> DataLoader:
-    """A DataLoader that indexes the in-memory tensors once per batch (no per-sample Python work)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch, num_workers=0)
+    def to(self, device: torch.device | str) -> PooledFeatureDataset:
+        """The same dataset with its tensors on ``device``."""
+        return PooledFeatureDataset({k: v.to(device) for k, v in self.features.items()}, self.labels.to(device))
 
 
 class CachedMapDataset(Dataset):
@@ -78,6 +82,79 @@ class CachedMapDataset(Dataset):
     def __getitem__(self, index: int):
         return self.maps[index].float(), self.labels[index]
 
-    def __getitems__(self, indices: list[int]):
-        idx = torch.as_tensor(indices)
+    def __getitems__(self, indices: list[int] | torch.Tensor):
+        idx = torch.as_tensor(indices, device=self.labels.device)
         return self.maps[idx].float(), self.labels[idx]
+
+    @property
+    def nbytes(self) -> int:
+        return self.maps.nbytes + self.labels.nbytes
+
+    def to(self, device: torch.device | str) -> CachedMapDataset:
+        """The same dataset with its tensors on ``device`` (the maps stay float16 there)."""
+        return CachedMapDataset(self.maps.to(device), self.labels.to(device))
+
+
+InMemoryDataset = PooledFeatureDataset | CachedMapDataset
+
+
+def _whole_batch(batch):
+    return batch
+
+
+def feature_loader(
+    dataset: InMemoryDataset, batch_size: int, shuffle: bool, drop_last: bool = False, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader that indexes the in-memory tensors once per batch (no per-sample Python work).
+
+    ``pin_memory``: batches are copied into page-locked memory, so the copy to a GPU can overlap compute.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        collate_fn=_whole_batch,
+        num_workers=0,
+        pin_memory=pin_memory,
+    )
+
+
+class ResidentBatches:
+    """Batches of an in-memory dataset already on the training device, sliced there step by step.
+
+    For caches small enough to sit in device memory: the tensors cross to the device once, instead of once per step
+    through a DataLoader. ``shuffle`` draws a new order every epoch from a generator seeded with ``seed`` (the same
+    seed gives the same orders); ``drop_last`` leaves out a last, smaller batch, as a DataLoader's does. An iterable
+    with ``__len__``, which Lightning accepts wherever it takes a DataLoader.
+    """
+
+    def __init__(
+        self,
+        dataset: InMemoryDataset,
+        batch_size: int,
+        shuffle: bool,
+        device: torch.device | str,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.dataset = dataset.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.device = torch.device(device)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator:
+        n = len(self.dataset)
+        # The permutation is drawn on the CPU (a seeded CPU generator works for every device) and moved once.
+        order = torch.randperm(n, generator=self._generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.dataset.__getitems__(order[start : start + self.batch_size])

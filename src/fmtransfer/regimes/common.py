@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +33,7 @@ from fmtransfer.data import PreparedData, prepare_data
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier
 from fmtransfer.metrics import METRIC_NAMES
+from fmtransfer.regimes.placement import channels_last, uses_cuda
 
 SPLITS = ("train", "validation", "test")
 
@@ -161,7 +162,7 @@ def evaluate_each_sample_once(loader: DataLoader, trainer: pl.Trainer) -> DataLo
 def fit_and_evaluate(
     cfg: DictConfig,
     module: HeadClassifier,
-    loaders: dict[str, DataLoader],
+    loaders: dict[str, Iterable],
     run_dir: Path,
     epochs: int,
     monitor: str = "val/loss",
@@ -294,6 +295,8 @@ class RunContext:
             batch_size=cfg.cache.batch_size,
             num_workers=cfg.data.num_workers,
             extra_manifest={"weights": self.spec.weights.label, "split_source": self.data.split_source[split]},
+            channels_last=channels_last(cfg),
+            pin_memory=uses_cuda(cfg),
         )
 
     def metrics(self, regime: str, results: dict, **extra) -> dict:

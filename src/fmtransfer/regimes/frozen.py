@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fmtransfer.backbone import LevelInfo, parse_levels
 from fmtransfer.cache import CacheResult, CacheSpec
-from fmtransfer.heads import HeadClassifier, PooledFeatureDataset, build_head, feature_loader
+from fmtransfer.heads import HeadClassifier, PooledFeatureDataset, build_head
 from fmtransfer.regimes.common import (
     SPLITS,
     RunContext,
@@ -23,6 +22,7 @@ from fmtransfer.regimes.common import (
     reseed,
     start_run,
 )
+from fmtransfer.regimes.placement import feature_batches
 
 
 def cache_frozen_features(ctx: RunContext, head_levels: Sequence[LevelInfo]) -> dict[str, CacheResult]:
@@ -43,14 +43,14 @@ def train_head(
 ) -> dict:
     """Fit the configured head on cached train maps, select on validation, evaluate test once."""
     sets = {s: PooledFeatureDataset.from_cache(caches[s].split, head_levels) for s in SPLITS}
-    loaders = {s: feature_loader(sets[s], cfg.head.batch_size, shuffle=s == "train") for s in SPLITS}
+    loaders = {s: feature_batches(sets[s], cfg.head.batch_size, s == "train", cfg) for s in SPLITS}
     return fit_configured_head(cfg, sets["train"].features, loaders, num_classes, run_dir, callbacks=callbacks)
 
 
 def fit_configured_head(
     cfg: DictConfig,
     train_features: dict[str, torch.Tensor],
-    loaders: dict[str, DataLoader],
+    loaders: dict[str, Iterable],
     num_classes: int,
     run_dir: Path,
     features: nn.Module | None = None,

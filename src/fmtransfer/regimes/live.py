@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,11 +17,13 @@ from fmtransfer.backbone import (
     FixedBatchNormStats,
     build_eval_transform,
     build_train_transform,
+    to_channels_last,
 )
 from fmtransfer.cache import CacheSpec
 from fmtransfer.data import ImageClassificationDataset
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
 from fmtransfer.regimes.common import SPLITS, RunContext, epochs_for, fit_and_evaluate, reseed, start_run
+from fmtransfer.regimes.placement import channels_last, uses_cuda
 
 
 def image_loaders(ctx: RunContext, batch_size: int, augment: bool) -> dict[str, DataLoader]:
@@ -37,6 +39,7 @@ def image_loaders(ctx: RunContext, batch_size: int, augment: bool) -> dict[str, 
             drop_last=s == "train" and len(ctx.data.splits[s]) > batch_size,  # no 1-image BatchNorm batches
             num_workers=workers,
             persistent_workers=workers > 0,
+            pin_memory=uses_cuda(ctx.cfg),
         )
         for s in SPLITS
     }
@@ -77,13 +80,16 @@ def train_with_backbone(
     rc: DictConfig,
     head: nn.Module,
     features: nn.Module,
-    loaders: dict[str, DataLoader],
+    loaders: dict[str, Iterable],
     callbacks: Sequence[pl.Callback] = (),
 ) -> dict:
     """Train ``features`` (trainable backbone part, at ``rc.backbone_lr``) and ``head`` with regime settings ``rc``.
 
-    ``rc.fixed_bn_stats`` keeps the backbone's BatchNorm statistics as pretrained while its weights train.
+    ``rc.fixed_bn_stats`` keeps the backbone's BatchNorm statistics as pretrained while its weights train;
+    ``trainer.channels_last`` runs it in NHWC layout.
     """
+    if channels_last(ctx.cfg):
+        to_channels_last(features)
     if rc.get("fixed_bn_stats", False):
         features = FixedBatchNormStats(features)
     # Lightning keeps each module's mode at fit start, and backbones come in eval mode: set train mode explicitly

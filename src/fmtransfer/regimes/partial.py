@@ -13,9 +13,10 @@ from torch import nn
 
 from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, build_suffix, split_level
 from fmtransfer.cache import CacheSpec
-from fmtransfer.heads import CachedMapDataset, feature_loader
+from fmtransfer.heads import CachedMapDataset
 from fmtransfer.regimes.common import SPLITS, start_run
 from fmtransfer.regimes.live import PreLogitsOf, image_loaders, pre_logits_head, train_with_backbone
+from fmtransfer.regimes.placement import feature_batches
 
 
 class LivePrefix(nn.Module):
@@ -51,7 +52,13 @@ def run_partial(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback]
     else:
         caches = ctx.cache_splits([level], CacheSpec((level,), cfg.cache.dtype, "none"))
         sets = {s: CachedMapDataset.from_cache(caches[s].split, level.name) for s in SPLITS}
-        loaders = {s: feature_loader(sets[s], rc.batch_size, shuffle=s == "train") for s in SPLITS}
+        # Like the image loaders: no last training batch of one sample (BatchNorm in train mode cannot take it).
+        loaders = {
+            s: feature_batches(
+                sets[s], rc.batch_size, s == "train", cfg, drop_last=s == "train" and len(sets[s]) > rc.batch_size
+            )
+            for s in SPLITS
+        }
         features = PreLogitsOf(suffix)
         extract_seconds = sum(c.extract_seconds for c in caches.values())
     results = train_with_backbone(ctx, rc, head, features, loaders, callbacks)

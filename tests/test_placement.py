@@ -1,0 +1,145 @@
+"""Where tensors live: resident batches on the training device, DataLoader fallback, channels-last backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from fmtransfer.backbone import FeatureMapExtractor, describe_backbone, to_channels_last
+from fmtransfer.errors import ConfigError
+from fmtransfer.heads import CachedMapDataset, PooledFeatureDataset, ResidentBatches
+from fmtransfer.regimes.placement import channels_last, feature_batches, training_device
+
+
+def pooled_dataset(n: int = 10) -> PooledFeatureDataset:
+    features = {"a": torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4), "b": torch.randn(n, 2)}
+    return PooledFeatureDataset(features, torch.arange(n) % 3)
+
+
+def trainer_cfg(**trainer) -> OmegaConf:
+    base = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "resident_data_mb": 1, "channels_last": "auto"}
+    return OmegaConf.create({"seed": 7, "trainer": {**base, **trainer}})
+
+
+def epoch_ids(batches) -> list[list[int]]:
+    return [batch[0]["a"][:, 0].long().tolist() for batch in batches]
+
+
+def test_resident_batches_cover_every_sample_once_per_epoch_in_a_new_seeded_order():
+    batches = ResidentBatches(pooled_dataset(10), batch_size=4, shuffle=True, device="cpu", seed=3)
+    assert len(batches) == 3
+    first, second = epoch_ids(batches), epoch_ids(batches)
+    assert [len(b) for b in first] == [4, 4, 2]
+    for epoch in (first, second):
+        assert sorted(i for b in epoch for i in b) == list(range(10))
+    assert first != second, "the order must change between epochs"
+    again = ResidentBatches(pooled_dataset(10), batch_size=4, shuffle=True, device="cpu", seed=3)
+    assert epoch_ids(again) == first, "the same seed must give the same order"
+    # Labels travel with their features.
+    features, labels = next(iter(batches))
+    assert torch.equal(labels, features["a"][:, 0].long() % 3)
+
+
+def test_resident_batches_in_order_and_drop_last_like_a_dataloader():
+    dataset = pooled_dataset(10)
+    assert epoch_ids(ResidentBatches(dataset, 4, shuffle=False, device="cpu")) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    dropped = ResidentBatches(dataset, 4, shuffle=True, device="cpu", drop_last=True)
+    assert len(dropped) == len(DataLoader(dataset, batch_size=4, drop_last=True)) == 2
+    assert [len(b) for b in epoch_ids(dropped)] == [4, 4]
+
+
+def test_cached_maps_are_served_as_float32_batches_from_float16_storage():
+    maps = torch.randn(6, 3, 2, 2).half()
+    batches = ResidentBatches(CachedMapDataset(maps, torch.arange(6)), 4, shuffle=False, device="cpu")
+    x, y = next(iter(batches))
+    assert x.dtype == torch.float32 and torch.equal(x, maps[:4].float()) and torch.equal(y, torch.arange(4))
+
+
+def test_feature_batches_resident_within_the_limit_else_a_dataloader():
+    small = pooled_dataset(10)
+    assert isinstance(feature_batches(small, 4, True, trainer_cfg()), ResidentBatches)
+    assert isinstance(feature_batches(small, 4, True, trainer_cfg(resident_data_mb=0)), DataLoader)
+    # Several processes (DDP): distributed samplers need a DataLoader.
+    assert training_device(trainer_cfg(devices=2)) is None
+    assert isinstance(feature_batches(small, 4, True, trainer_cfg(devices=2)), DataLoader)
+    assert training_device(trainer_cfg(devices=[0])) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("resident_data_mb", "lots"), ("resident_data_mb", -1), ("channels_last", "yes")]
+)
+def test_bad_placement_settings_name_the_option(key, value):
+    cfg = trainer_cfg(**{key: value})
+    with pytest.raises(ConfigError, match=f"trainer.{key}"):
+        feature_batches(pooled_dataset(), 4, True, cfg) if key == "resident_data_mb" else channels_last(cfg)
+
+
+def test_channels_last_auto_is_off_without_a_gpu_and_can_be_forced():
+    assert channels_last(trainer_cfg()) is False
+    assert channels_last(trainer_cfg(channels_last=True)) is True
+
+
+def test_channels_last_backbone_gives_the_same_maps_and_parameter_names():
+    spec = describe_backbone("tf_efficientnet_lite0", weights="random")
+    model = spec.create()[0].eval()
+    levels = [spec.levels[1], spec.levels[-1]]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = FeatureMapExtractor(model, levels)(x)
+        names = list(model.state_dict())
+        converted = to_channels_last(to_channels_last(model))  # twice: still one input hook
+        got = FeatureMapExtractor(converted, levels)(x)
+    assert len(converted._forward_pre_hooks) == 1
+    assert list(converted.state_dict()) == names
+    assert converted.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-4)
+
+
+class _InputLayout(pl.Callback):
+    """Records the layout the trainable backbone part sees and the type of the training batches' source."""
+
+    def __init__(self):
+        self.weights_channels_last: set[bool] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        convs = [m for m in pl_module.features.modules() if isinstance(m, torch.nn.Conv2d)]
+        self.weights_channels_last |= {c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs}
+
+
+def test_channels_last_extraction_and_partial_training_end_to_end(tmp_path, tiny_overrides):
+    """A real cache built in NHWC holds the same maps as the NCHW one; partial trains its suffix in NHWC from it."""
+    from fmtransfer.cache import CachedSplit, FeatureCache
+    from fmtransfer.cli.config import compose_config
+    from fmtransfer.regimes import run_frozen, run_partial
+
+    runs = {}
+    for layout in ("true", "false"):
+        overrides = [*tiny_overrides, f"cache.dir={tmp_path / layout}", f"trainer.channels_last={layout}"]
+        runs[layout] = run_frozen(compose_config(overrides), tmp_path / f"frozen-{layout}")
+    for split, path in runs["true"]["cache"]["entries"].items():
+        nhwc, nchw = (
+            CachedSplit(Path(p), FeatureCache.read_manifest(Path(p)))
+            for p in (path, runs["false"]["cache"]["entries"][split])
+        )
+        assert nhwc.manifest["fingerprint"] == nchw.manifest["fingerprint"]
+        for level in nchw.manifest["levels"]:
+            np.testing.assert_allclose(nhwc.load(level), nchw.load(level), rtol=1e-3, atol=1e-3)
+
+    layout = _InputLayout()
+    overrides = [
+        *tiny_overrides,
+        f"cache.dir={tmp_path / 'true'}",
+        "trainer.channels_last=true",
+        "regimes.partial.epochs=1",
+        "regimes.partial.min_steps=2",
+    ]
+    metrics = run_partial(compose_config(overrides), tmp_path / "partial", callbacks=[layout])
+    assert layout.weights_channels_last == {True}
+    assert 0.0 <= metrics["test"]["acc"] <= 1.0 and metrics["epochs"] >= 1
