@@ -74,6 +74,9 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
         row = next(line for line in md.splitlines() if line.startswith(f"| {regime} |"))
         assert f"{acc['mean']:.3f} ± {acc['std']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in row
         assert f"{by[shots]['trainable_params']:,}" in row
+        kept = [r for r in runs if r["regime"] == regime and r["shots_per_class"] == shots]
+        kept = sum(r["selected"].startswith("initial") for r in kept)
+        assert by[shots]["kept_start"] == kept and row.endswith(f" {kept}/2 |")
     assert results["verdict"]["winner"] in md.split("## Setup")[0]
     html = (report_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3

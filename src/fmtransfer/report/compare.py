@@ -118,6 +118,8 @@ def summarise_runs(records: list[dict]) -> dict:
                     "peak_memory_kind": recs[0]["peak_memory_kind"],
                     "image_size": recs[0]["image_size"],
                     "seeds": [r["seed"] for r in recs],
+                    # Runs in which no epoch beat the starting weights on validation loss (they were kept).
+                    "kept_start": sum(str(r.get("selected") or "").startswith("initial") for r in recs),
                 }
             )
     return summary

@@ -27,6 +27,7 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
         "epochs",
         "image size",
         "peak memory (MB)",
+        "kept start",
     ]
     rows = [header]
     for regime, by in summary.items():
@@ -44,9 +45,17 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
                 f"{s['epochs']['mean']:.0f}",
                 f"{s['image_size'][-1]} px",
                 f"{s['peak_memory_bytes']['mean'] / 2**20:.0f} ({MEMORY_KINDS.get(s['peak_memory_kind'], '?')})",
+                f"{s.get('kept_start', 0)}/{len(s['seeds'])}",
             ]
         )
     return rows
+
+
+KEPT_START_NOTE = (
+    "kept start: runs in which no epoch of training lowered the validation loss below that of the starting "
+    "weights, so the starting weights were kept (for partial and finetune the start is a linear probe on the frozen "
+    "features: such a run scores as that probe does)."
+)
 
 
 def shots_table(summary: dict) -> list[list[str]]:
@@ -167,6 +176,8 @@ def write_report(results: dict, report_dir: Path) -> None:
         "",
         _md_table(regime_table(results["summary"], shots)),
         "",
+        KEPT_START_NOTE,
+        "",
         "## Test accuracy by shots per class",
         "",
         _md_table(shots_table(results["summary"])),
@@ -190,6 +201,7 @@ th{{background:#f3f3f3}}img{{max-width:100%;border:1px solid #eee}}code{{backgro
 <h1>{html.escape(title)}</h1><h2>Verdict</h2>{_md_inline(results["verdict"]["text"])}
 <h2>{setup[0]}</h2>{_md_inline(setup[1])}
 <h2>{html.escape(table_title)}</h2>{_html_table(regime_table(results["summary"], shots))}
+<p>{html.escape(KEPT_START_NOTE)}</p>
 <h2>Test accuracy by shots per class</h2>{_html_table(shots_table(results["summary"]))}
 {imgs}<h2>{env[0]}</h2><p>{html.escape(env[1])}</p><p>Every number above is in results.json.</p></body></html>"""
     (report_dir / "report.html").write_text(page)
