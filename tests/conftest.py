@@ -23,17 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
-def run_train_cli(args: list[str]) -> subprocess.CompletedProcess:
-    """``python -m fmtransfer.cli.train ARGS`` (what ``make train`` runs) in a fresh process, offline."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+TRAIN_CLI = [sys.executable, "-m", "fmtransfer.cli.train"]  # what ``make train`` runs
+
+
+def train_cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``TRAIN_CLI`` process: offline, plus ``extra`` variables."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
     env.pop("LOCAL_RANK", None)  # never look like a DDP child of the test process
+    return env
+
+
+def run_train_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m fmtransfer.cli.train ARGS`` in a fresh process, offline."""
     return subprocess.run(
-        [sys.executable, "-m", "fmtransfer.cli.train", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [*TRAIN_CLI, *args], cwd=ROOT, env=train_cli_env(), capture_output=True, text=True, timeout=600
     )
 
 
