@@ -70,13 +70,19 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
     shots = results["verdict"]["shots"]
     assert shots == "6"
     for regime, by in results["summary"].items():
-        acc = by[shots]["test"]["acc"]
         row = next(line for line in md.splitlines() if line.startswith(f"| {regime} |"))
-        assert f"{acc['mean']:.3f} ± {acc['std']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in row
-        assert f"{by[shots]['trainable_params']:,}" in row
-        kept = [r for r in runs if r["regime"] == regime and r["shots_per_class"] == shots]
-        kept = sum(r["selected"].startswith("initial") for r in kept)
-        assert by[shots]["kept_start"] == kept and row.endswith(f" {kept}/2 |")
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        regime_runs = [r for r in runs if r["regime"] == regime and r["shots_per_class"] == shots]
+        # Test metrics then validation accuracy: summary cells in the table, summary means from the runs themselves.
+        for cell, (split, metric) in zip(
+            cells[1:5], [("test", "acc"), ("test", "f1_macro"), ("test", "balanced_acc"), ("val", "acc")], strict=True
+        ):
+            s = by[shots][split][metric]
+            assert cell == f"{s['mean']:.3f} ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+            assert s["mean"] == pytest.approx(sum(r[split][metric] for r in regime_runs) / len(regime_runs))
+        assert cells[5] == f"{by[shots]['trainable_params']:,}"
+        kept = sum(r["selected"].startswith("initial") for r in regime_runs)
+        assert by[shots]["kept_start"] == kept and cells[-1] == f"{kept}/2"
     assert results["verdict"]["winner"] in md.split("## Setup")[0]
     html = (report_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -11,6 +12,7 @@ import torch
 from fmtransfer.backbone import FeatureMapExtractor, build_suffix, describe_backbone, split_level
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier, LinearProbeHead
+from fmtransfer.regimes.common import PeakMemory
 from fmtransfer.regimes.live import PreLogitsOf
 from fmtransfer.regimes.partial import LivePrefix
 
@@ -99,3 +101,17 @@ def test_trainable_backbone_batchnorm_mode_during_training(tmp_path, tiny_overri
     metrics = run_scratch(cfg, tmp_path / "run", callbacks=[modes])
     assert modes.modes == expected
     assert metrics["trainable_params"] > 4_000_000
+
+
+def test_peak_memory_counts_a_block_allocations_after_bigger_freed_ones():
+    """In one process (a comparison's runs), memory freed by an earlier run must not hide a later run's peak."""
+    mb, block = 2**20, 2**16
+    torch.ones(8 * mb // 4)  # freeing an 8 MB mmap makes glibc serve smaller blocks from its heap from then on
+    earlier = [torch.ones(block // 4) for _ in range(300 * mb // block)]  # 300 MB in the heap, kept once freed
+    del earlier
+    with PeakMemory("cpu") as memory:
+        held = [torch.ones(block // 4) for _ in range(200 * mb // block)]  # 200 MB live at the block's peak
+        time.sleep(0.1)  # at least a few of the 20 ms samples while it is held
+        del held
+    assert memory.kind == "cpu_rss_increase"
+    assert 150 * mb < memory.peak_bytes < 400 * mb
