@@ -12,7 +12,7 @@ import torch
 from fmtransfer.backbone import FeatureMapExtractor, build_suffix, describe_backbone, split_level
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier, LinearProbeHead
-from fmtransfer.regimes.common import PeakMemory
+from fmtransfer.regimes.common import PeakMemory, validation_interval
 from fmtransfer.regimes.live import PreLogitsOf
 from fmtransfer.regimes.partial import LivePrefix
 
@@ -115,3 +115,11 @@ def test_peak_memory_counts_a_block_allocations_after_bigger_freed_ones():
         del held
     assert memory.kind == "cpu_rss_increase"
     assert 150 * mb < memory.peak_bytes < 400 * mb
+
+
+def test_validation_interval_keeps_about_the_requested_number_of_validations():
+    assert validation_interval(30, 20) == 1  # fewer epochs than validations: every epoch
+    assert validation_interval(30, 5) == 6 and 30 // validation_interval(30, 5) == 5
+    assert validation_interval(150, 20) == 7
+    with pytest.raises(ConfigError, match=r"trainer\.validations_per_run=0"):
+        validation_interval(30, 0)

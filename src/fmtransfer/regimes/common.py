@@ -144,6 +144,17 @@ def epochs_for(num_train: int, batch_size: int, epochs: int, min_steps: int) -> 
     return max(epochs, -(-min_steps // steps_per_epoch))
 
 
+def validation_interval(epochs: int, validations_per_run: int) -> int:
+    """Epochs between validations so that a run validates about ``validations_per_run`` times.
+
+    A few-shot run has many one-step epochs; validating a large validation split after each of them would cost far
+    more than training, while a score every few epochs is plenty to pick the checkpoint.
+    """
+    if int(validations_per_run) < 1:
+        raise ConfigError(f"trainer.validations_per_run={validations_per_run} must be at least 1.")
+    return max(1, epochs // int(validations_per_run))
+
+
 def trainer_device_kwargs(cfg: DictConfig) -> dict:
     """Accelerator, precision and processes (devices x nodes, strategy) from ``cfg.trainer``: extraction and
     training share them. More than one process runs Lightning DDP (gloo on CPU, NCCL on GPUs)."""
@@ -209,8 +220,7 @@ def fit_and_evaluate(
     trainer = pl.Trainer(
         **trainer_device_kwargs(cfg),
         max_epochs=epochs,
-        # About 20 validations per run are plenty to pick a checkpoint; few-shot runs have many one-step epochs.
-        check_val_every_n_epoch=max(1, epochs // 20),
+        check_val_every_n_epoch=validation_interval(epochs, cfg.trainer.get("validations_per_run", 20)),
         deterministic=cfg.trainer.deterministic,
         logger=CSVLogger(run_dir, name="csv", version=""),
         callbacks=[checkpoint, last_epoch, timer, *callbacks],
