@@ -118,7 +118,7 @@ def test_peak_memory_counts_a_block_allocations_after_bigger_freed_ones():
 
 
 def test_validation_interval_keeps_about_the_requested_number_of_validations():
-    assert validation_interval(30, 20) == 1  # fewer epochs than validations: every epoch
+    assert validation_interval(30, 20) == 1  # 30 one-step epochs, about 20 validations: after every epoch
     assert validation_interval(30, 5) == 6 and 30 // validation_interval(30, 5) == 5
     assert validation_interval(150, 20) == 7
     with pytest.raises(ConfigError, match=r"trainer\.validations_per_run=0"):
