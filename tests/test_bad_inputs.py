@@ -13,7 +13,7 @@ from PIL import Image
 from fmtransfer.cli.config import compose_config
 from fmtransfer.data import prepare_data
 from fmtransfer.errors import DataError
-from fmtransfer.regimes import run_frozen
+from fmtransfer.regimes import run_regime
 
 from .conftest import digits_images, write_image_folder
 
@@ -83,7 +83,7 @@ def test_unusual_but_valid_images_train_end_to_end(folder, tmp_path, tiny_overri
         rgb.convert("P").save(d / "palette.png")
         rgb.resize((2, 2)).save(d / "tiny.png")
     overrides = [o for o in tiny_overrides if not o.startswith("data.shots")] + [f"data.path={folder}"]
-    metrics = run_frozen(compose_config(overrides), tmp_path / "run")
+    metrics = run_regime(compose_config(overrides), tmp_path / "run")
     assert metrics["split_sizes"]["train"] + metrics["split_sizes"]["validation"] + metrics["split_sizes"]["test"] == 28
     assert metrics["skipped_images"] == []
 
@@ -122,12 +122,12 @@ def test_one_class_dataset_is_reported(tmp_path):
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, tiny_overrides):
     cfg = compose_config([*tiny_overrides, "head=linear", "head.lr=1e30", "head.epochs=50"])
     with pytest.raises(Exception, match=r"training loss became (nan|inf).* at epoch \d+, step \d+"):
-        run_frozen(cfg, tmp_path / "run")
+        run_regime(cfg, tmp_path / "run")
 
 
 def test_metrics_record_skipped_files(folder, tmp_path, tiny_overrides):
     _add_bad_files(folder)
     overrides = [o for o in tiny_overrides if not o.startswith("data.shots")]
-    metrics = run_frozen(compose_config([*overrides, f"data.path={folder}", "data.skip_bad=true"]), tmp_path / "r")
+    metrics = run_regime(compose_config([*overrides, f"data.path={folder}", "data.skip_bad=true"]), tmp_path / "r")
     assert len(metrics["skipped_images"]) == 3
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["skipped_images"] == metrics["skipped_images"]

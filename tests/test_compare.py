@@ -9,9 +9,10 @@ import pytest
 
 from fmtransfer.cli.compare import main as compare_main
 from fmtransfer.cli.compare import resolve_preset
-from fmtransfer.report import compare as compare_mod
-from fmtransfer.report.compare import verdict
+from fmtransfer.report import runs as runs_mod
+from fmtransfer.report.render import verdict_text
 from fmtransfer.report.stats import summarise
+from fmtransfer.report.verdict import verdict
 
 TINY = [
     "data.image_size=32",
@@ -94,7 +95,7 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was repeated")
 
-    monkeypatch.setattr(compare_mod, "REGIMES", {k: must_not_train for k in compare_mod.REGIMES})
+    monkeypatch.setattr(runs_mod, "run_regime", must_not_train)
     compare_main(overrides)
     assert capsys.readouterr().out.count("done earlier") == 16
 
@@ -122,7 +123,8 @@ def test_verdict_selects_on_validation_and_computes_margins():
     assert v["comparisons"]["scratch"]["delta_points"] == pytest.approx(42.0)
     assert v["comparisons"]["scratch"]["intervals_overlap"] is False
     assert v["comparisons"]["finetune"]["time_ratio"] == pytest.approx(100.0)
-    assert "On the test split **finetune** scores highest" in v["text"]
+    assert v["best_on_test"] == "finetune" and v["cheaper"] == []
+    assert "On the test split **finetune** scores highest" in verdict_text(v, summary)
 
 
 def test_summary_statistics():

@@ -21,7 +21,7 @@ from fmtransfer.cache import CacheEntryWriter, FeatureCache, pool_map
 from fmtransfer.cache.store import FORMAT_VERSION
 from fmtransfer.cli.config import compose_config
 from fmtransfer.errors import CacheError
-from fmtransfer.regimes import run_frozen
+from fmtransfer.regimes import run_regime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,11 +91,11 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tiny_ov
     cfg = compose_config([*tiny_overrides, "head.epochs=6", "trainer.checkpoint_every_s=0"])
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_frozen(cfg, run_dir, callbacks=[_CrashAfter(2)])
+        run_regime(cfg, run_dir, callbacks=[_CrashAfter(2)])
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file() and not (run_dir / "metrics.json").exists()
     assert torch.load(last, weights_only=False)["epoch"] <= 2
-    metrics = run_frozen(cfg, run_dir)
+    metrics = run_regime(cfg, run_dir)
     assert metrics["cache"]["hit"] is True
     import csv
 
@@ -115,12 +115,12 @@ def test_resume_through_the_cli_uses_the_saved_config(tmp_path, tiny_overrides, 
     # Interrupted before its first checkpoint (60 s by default): resuming starts that run again, same config.
     cfg = compose_config([*tiny_overrides, "head.name=mlp"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_frozen(cfg, tmp_path / "cut", callbacks=[_CrashAfter(0)])
+        run_regime(cfg, tmp_path / "cut", callbacks=[_CrashAfter(0)])
     assert not (tmp_path / "cut" / "checkpoints" / "last.ckpt").exists()
     run_dir, saved = resume_target(str(tmp_path / "cut"))
     assert run_dir == tmp_path / "cut" and saved.head.name == "mlp"
     assert "starting it again from the first step" in capsys.readouterr().out
-    run_frozen(saved, run_dir)
+    run_regime(saved, run_dir)
     with pytest.raises(FmtransferError, match="that run finished"):
         resume_target(str(run_dir))
 

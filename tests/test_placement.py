@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from fmtransfer.backbone import FeatureMapExtractor, describe_backbone, to_channels_last
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import CachedMapDataset, PooledFeatureDataset, ResidentBatches
-from fmtransfer.regimes.placement import channels_last, feature_batches, training_device
+from fmtransfer.training import Placement, feature_batches, resolve_placement
 
 
 def pooled_dataset(n: int = 10) -> PooledFeatureDataset:
@@ -22,9 +21,10 @@ def pooled_dataset(n: int = 10) -> PooledFeatureDataset:
     return PooledFeatureDataset(features, torch.arange(n) % 3)
 
 
-def trainer_cfg(**trainer) -> OmegaConf:
+def placement(cuda_available: bool = False, **trainer) -> Placement:
+    """``resolve_placement`` of these ``trainer.*`` settings, on a machine with or without a CUDA GPU."""
     base = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "resident_data_mb": 1, "channels_last": "auto"}
-    return OmegaConf.create({"seed": 7, "trainer": {**base, **trainer}})
+    return resolve_placement(**{**base, **trainer}, cuda_available=cuda_available)
 
 
 def epoch_ids(batches) -> list[list[int]]:
@@ -63,26 +63,44 @@ def test_cached_maps_are_served_as_float32_batches_from_float16_storage():
 
 def test_feature_batches_resident_within_the_limit_else_a_dataloader():
     small = pooled_dataset(10)
-    assert isinstance(feature_batches(small, 4, True, trainer_cfg()), ResidentBatches)
-    assert isinstance(feature_batches(small, 4, True, trainer_cfg(resident_data_mb=0)), DataLoader)
+    assert isinstance(feature_batches(small, 4, True, placement(), seed=7), ResidentBatches)
+    assert isinstance(feature_batches(small, 4, True, placement(resident_data_mb=0), seed=7), DataLoader)
     # Several processes (DDP): distributed samplers need a DataLoader.
-    assert training_device(trainer_cfg(devices=2)) is None
-    assert isinstance(feature_batches(small, 4, True, trainer_cfg(devices=2)), DataLoader)
-    assert training_device(trainer_cfg(devices=[0])) == torch.device("cpu")
+    assert placement(devices=2).device is None
+    assert isinstance(feature_batches(small, 4, True, placement(devices=2), seed=7), DataLoader)
+    assert placement(devices=[0]).device == torch.device("cpu")
+    assert placement(num_nodes=2).device is None
 
 
 @pytest.mark.parametrize(
     ("key", "value"), [("resident_data_mb", "lots"), ("resident_data_mb", -1), ("channels_last", "yes")]
 )
 def test_bad_placement_settings_name_the_option(key, value):
-    cfg = trainer_cfg(**{key: value})
     with pytest.raises(ConfigError, match=f"trainer.{key}"):
-        feature_batches(pooled_dataset(), 4, True, cfg) if key == "resident_data_mb" else channels_last(cfg)
+        placement(**{key: value})
 
 
 def test_channels_last_auto_is_off_without_a_gpu_and_can_be_forced():
-    assert channels_last(trainer_cfg()) is False
-    assert channels_last(trainer_cfg(channels_last=True)) is True
+    assert placement().channels_last is False
+    assert placement(channels_last=True).channels_last is True
+    assert placement(cuda_available=True, channels_last=False).channels_last is False
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
+def test_on_a_gpu_the_run_trains_on_it_with_pinned_memory_and_channels_last(accelerator):
+    """The GPU decisions, with the device choice injected (this machine has no GPU)."""
+    p = placement(cuda_available=True, accelerator=accelerator, devices=[1])
+    assert p.device == torch.device("cuda", 1) and p.cuda and p.channels_last
+    assert placement(cuda_available=True, accelerator="cpu") == placement(cuda_available=False)
+    # A GPU asked for on a machine without one: no single device to move data to, nothing pinned.
+    gpu_less = placement(cuda_available=False, accelerator="gpu")
+    assert gpu_less.device is None and not gpu_less.cuda and not gpu_less.channels_last
+
+
+def test_pinned_dataloader_when_the_model_is_on_a_gpu_but_the_data_is_too_big_to_move():
+    p = placement(cuda_available=True, accelerator="gpu", resident_data_mb=0)
+    loader = feature_batches(pooled_dataset(10), 4, True, p, seed=0)
+    assert isinstance(loader, DataLoader) and loader.pin_memory
 
 
 def test_channels_last_backbone_gives_the_same_maps_and_parameter_names():
@@ -117,12 +135,12 @@ def test_channels_last_extraction_and_partial_training_end_to_end(tmp_path, tiny
     """A real cache built in NHWC holds the same maps as the NCHW one; partial trains its suffix in NHWC from it."""
     from fmtransfer.cache import CachedSplit, FeatureCache
     from fmtransfer.cli.config import compose_config
-    from fmtransfer.regimes import run_frozen, run_partial
+    from fmtransfer.regimes import run_regime
 
     runs = {}
     for layout in ("true", "false"):
         overrides = [*tiny_overrides, f"cache.dir={tmp_path / layout}", f"trainer.channels_last={layout}"]
-        runs[layout] = run_frozen(compose_config(overrides), tmp_path / f"frozen-{layout}")
+        runs[layout] = run_regime(compose_config(overrides), tmp_path / f"frozen-{layout}")
     for split, path in runs["true"]["cache"]["entries"].items():
         nhwc, nchw = (
             CachedSplit(Path(p), FeatureCache.read_manifest(Path(p)))
@@ -137,9 +155,10 @@ def test_channels_last_extraction_and_partial_training_end_to_end(tmp_path, tiny
         *tiny_overrides,
         f"cache.dir={tmp_path / 'true'}",
         "trainer.channels_last=true",
-        "regimes.partial.epochs=1",
-        "regimes.partial.min_steps=2",
+        "regime=partial",
+        "regime.epochs=1",
+        "regime.min_steps=2",
     ]
-    metrics = run_partial(compose_config(overrides), tmp_path / "partial", callbacks=[layout])
+    metrics = run_regime(compose_config(overrides), tmp_path / "partial", callbacks=[layout])
     assert layout.weights_channels_last == {True}
     assert 0.0 <= metrics["test"]["acc"] <= 1.0 and metrics["epochs"] >= 1

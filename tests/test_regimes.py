@@ -12,9 +12,9 @@ import torch
 from fmtransfer.backbone import FeatureMapExtractor, build_suffix, describe_backbone, split_level
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier, LinearProbeHead
-from fmtransfer.regimes.common import PeakMemory, validation_interval
 from fmtransfer.regimes.live import PreLogitsOf
 from fmtransfer.regimes.partial import LivePrefix
+from fmtransfer.training import PeakMemory, validation_interval
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
@@ -32,7 +32,7 @@ def test_suffix_of_the_prefix_output_is_the_whole_network(name):
 
 def test_k_out_of_range_is_a_config_error():
     spec = describe_backbone("tf_efficientnet_lite0", weights="random")
-    with pytest.raises(ConfigError, match=r"regimes\.partial\.k=5.*between 1 and 4"):
+    with pytest.raises(ConfigError, match=r"regime\.k=5 .*between 1 and 4"):
         split_level(list(spec.levels), 5)
 
 
@@ -85,20 +85,21 @@ class _BatchNormModes(pl.Callback):
 def test_trainable_backbone_batchnorm_mode_during_training(tmp_path, tiny_overrides, fixed, expected):
     """Regression: Lightning keeps module modes at fit start, and backbones are built in eval mode."""
     from fmtransfer.cli.config import compose_config
-    from fmtransfer.regimes import run_scratch
+    from fmtransfer.regimes import run_regime
 
     cfg = compose_config(
         [
             *tiny_overrides,
             "data.shots_per_class=3",
-            "regimes.scratch.epochs=1",
-            "regimes.scratch.min_steps=1",
-            "regimes.scratch.image_size=32",
-            f"+regimes.scratch.fixed_bn_stats={str(fixed).lower()}",
+            "regime=scratch",
+            "regime.epochs=1",
+            "regime.min_steps=1",
+            "regime.image_size=32",
+            f"regime.fixed_bn_stats={str(fixed).lower()}",
         ]
     )
     modes = _BatchNormModes()
-    metrics = run_scratch(cfg, tmp_path / "run", callbacks=[modes])
+    metrics = run_regime(cfg, tmp_path / "run", callbacks=[modes])
     assert modes.modes == expected
     assert metrics["trainable_params"] > 4_000_000
 

@@ -7,14 +7,14 @@ import json
 import pytest
 
 from fmtransfer.cli.config import compose_config
-from fmtransfer.regimes import run_frozen
+from fmtransfer.regimes import run_regime
 
 from .conftest import run_train_cli
 
 
 def test_frozen_run_writes_metrics_and_reuses_its_cache(tmp_path, tiny_overrides):
     cfg = compose_config(tiny_overrides)
-    first = run_frozen(cfg, tmp_path / "run1")
+    first = run_regime(cfg, tmp_path / "run1")
     assert first["cache"]["hit"] is False and first["cache"]["extract_seconds"] > 0
     for split in ("val", "test"):
         assert set(first[split]) == {"acc", "f1_macro", "balanced_acc"}
@@ -28,7 +28,7 @@ def test_frozen_run_writes_metrics_and_reuses_its_cache(tmp_path, tiny_overrides
     assert (run1 / "config.yaml").is_file() and (run1 / "checkpoints" / "best.ckpt").is_file()
     assert (run1 / "csv" / "metrics.csv").is_file()
 
-    second = run_frozen(cfg, tmp_path / "run2")
+    second = run_regime(cfg, tmp_path / "run2")
     assert second["cache"]["hit"] is True and second["cache"]["extract_seconds"] == 0
     assert second["cache"]["dir"] == first["cache"]["dir"]
     # Same config and seed on the CPU: identical numbers.
@@ -36,9 +36,9 @@ def test_frozen_run_writes_metrics_and_reuses_its_cache(tmp_path, tiny_overrides
 
 
 def test_switching_heads_reuses_the_cache(tmp_path, tiny_overrides):
-    run_frozen(compose_config([*tiny_overrides, "head=multilayer"]), tmp_path / "a")
+    run_regime(compose_config([*tiny_overrides, "head=multilayer"]), tmp_path / "a")
     for head in ("linear", "mlp"):
-        metrics = run_frozen(compose_config([*tiny_overrides, f"head={head}"]), tmp_path / head)
+        metrics = run_regime(compose_config([*tiny_overrides, f"head={head}"]), tmp_path / head)
         assert metrics["cache"]["hit"] is True
         assert metrics["head"]["name"] == head and metrics["head"]["levels"] == ["pre_logits"]
 

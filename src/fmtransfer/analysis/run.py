@@ -35,11 +35,13 @@ from fmtransfer.backbone import (
     describe_backbone,
     parse_levels,
 )
-from fmtransfer.cache import CacheResult, CacheSpec
+from fmtransfer.cache import CacheResult
 from fmtransfer.data import to_rgb
 from fmtransfer.heads import LinearProbeHead, PooledFeatureDataset
-from fmtransfer.regimes.common import RunContext, as_level_spec, start_run
+from fmtransfer.regimes import RunContext, for_run_dir, start_run
+from fmtransfer.regimes.context import as_level_spec
 from fmtransfer.regimes.live import pre_logits_head
+from fmtransfer.training import instantiate_training
 
 
 @dataclasses.dataclass
@@ -59,10 +61,10 @@ class Analysis:
 
 def open_analysis(cfg: DictConfig, out_dir: Path) -> Analysis:
     """Prepare splits and the cache (``cache.levels``, as ``make train`` cached them)."""
-    ctx = start_run(cfg, out_dir)
+    cfg = for_run_dir(cfg, out_dir)
+    ctx = start_run(cfg, out_dir, instantiate_training(cfg))
     levels = parse_levels(as_level_spec(cfg.cache.levels), ctx.spec.levels)
-    spec = CacheSpec(tuple(levels), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size)
-    return Analysis(ctx, ctx.cache_splits(levels, spec))
+    return Analysis(ctx, ctx.cache_splits(ctx.cache_spec(levels)))
 
 
 def input_image(an: Analysis, split: str, index: int) -> np.ndarray:
@@ -74,7 +76,7 @@ def input_image(an: Analysis, split: str, index: int) -> np.ndarray:
 
 def frozen_classifier(an: Analysis) -> tuple[torch.nn.Module, LinearProbeHead]:
     """The pretrained backbone and a linear probe on its pre-logits (fitted on train, selected on validation)."""
-    head = pre_logits_head(an.ctx, probe_init=True)
+    head = pre_logits_head(an.ctx, probe_init=True, regime="analysis")
     model, _ = an.ctx.spec.create()
     return model.eval(), head.eval()
 
@@ -103,11 +105,10 @@ def saliency_maps(
 
 def finetuned_similarity(an: Analysis, checkpoint: str, split: str = "validation") -> dict[str, float]:
     """Per-level CKA between the frozen backbone and a fine-tuned one (a finetune run's checkpoint) on ``split``."""
-    cfg = an.ctx.cfg
     tuned_spec = describe_backbone(an.ctx.spec.name, "checkpoint", checkpoint)
     tuned = dataclasses.replace(an.ctx, spec=tuned_spec)
     levels = parse_levels(an.levels, tuned_spec.levels)
-    caches = tuned.cache_splits(levels, CacheSpec(tuple(levels), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size))
+    caches = tuned.cache_splits(tuned.cache_spec(levels))
     frozen = an.pooled(split).features
     other = PooledFeatureDataset.from_cache(caches[split].split, an.levels).features
     return cka_between(frozen, other)

@@ -24,9 +24,8 @@ from fmtransfer.cache import (
     map_shapes,
 )
 from fmtransfer.data import ImageClassificationDataset
-from fmtransfer.regimes.common import RunContext
-from fmtransfer.regimes.frozen import fit_configured_head
-from fmtransfer.regimes.live import image_loaders
+from fmtransfer.regimes import HeadSettings, RunContext, fit_head
+from fmtransfer.training import ImageDataModule
 
 
 def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -112,11 +111,10 @@ def predecoded_extraction_images_per_second(
     shapes = map_shapes(extractor, spec, tuple(dataset.images.shape[1:]))
     writer = FeatureCache(cache_dir).writer("bench", "predecoded", "0")
     trainer = pl.Trainer(
-        **{**trainer_kwargs, "devices": 1, "num_nodes": 1},
+        **{**trainer_kwargs, "devices": 1, "num_nodes": 1, "enable_progress_bar": False},
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=False,
         callbacks=[FeatureMapWriter(writer)],
     )
     start = time.perf_counter()
@@ -132,20 +130,24 @@ def live_head_run(ctx: RunContext, model: nn.Module) -> dict:
     Lightning's finetuning callbacks and the PyTorch transfer-learning tutorial do. Its feature normaliser is fitted
     on one live pass over the training images, timed as part of training."""
     cfg = ctx.cfg
-    head_cfg = cfg.head
+    head_cfg = HeadSettings(**ctx.cfg.regime.head)
     features = FrozenModule(FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]))
-    loaders = image_loaders(ctx, head_cfg.batch_size, augment=False)
-    # Shuffled, without image_loaders' drop_last: the same batches per epoch as the cached side's feature loader.
-    loaders["train"] = DataLoader(
-        loaders["train"].dataset, batch_size=head_cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers
+    # Shuffled, without a dropped last batch: the same batches per epoch as the cached side's feature batches.
+    datamodule = ImageDataModule(
+        ctx.data.splits,
+        ctx.data_config,
+        head_cfg.batch_size,
+        augment=False,
+        num_workers=cfg.data.num_workers,
+        drop_last_train=False,
     )
-    in_order = DataLoader(loaders["train"].dataset, batch_size=head_cfg.batch_size, num_workers=cfg.data.num_workers)
+    in_order = eval_loader(ctx, "train", head_cfg.batch_size)
     start = time.perf_counter()
     with torch.inference_mode():
         train_features = torch.cat([features(images)[PRE_LOGITS] for images, *_ in in_order])
     normaliser_seconds = time.perf_counter() - start
-    results = fit_configured_head(
-        cfg, {PRE_LOGITS: train_features.clone()}, loaders, ctx.data.num_classes, ctx.run_dir, features=features
+    results = fit_head(
+        head_cfg, ctx.tools, {PRE_LOGITS: train_features.clone()}, datamodule, ctx.data.num_classes, features=features
     )
     results["train_seconds"] = round(results["train_seconds"] + normaliser_seconds, 3)
     return results

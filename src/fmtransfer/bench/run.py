@@ -25,10 +25,10 @@ from fmtransfer.bench.measure import (
     read_and_memcpy_gbps,
 )
 from fmtransfer.cache import CacheSpec
-from fmtransfer.regimes import REGIMES
-from fmtransfer.regimes.common import as_level_spec, start_run, trainer_device_kwargs
-from fmtransfer.regimes.placement import channels_last, training_device
+from fmtransfer.regimes import for_run_dir, run_regime, start_run, with_regime
+from fmtransfer.regimes.context import as_level_spec
 from fmtransfer.report.environment import describe_environment
+from fmtransfer.training import instantiate_training
 
 
 def h100_targets(device_name: str, backbone: str, image_size: tuple[int, ...]) -> dict:
@@ -40,11 +40,17 @@ def h100_targets(device_name: str, backbone: str, image_size: tuple[int, ...]) -
 
 def run_config(cfg: DictConfig, cache_dir: Path, **overrides) -> DictConfig:
     """``cfg`` with the bench's cold cache dir and the given dotted overrides."""
-    run = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    run = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # each run resolves its own dirs
     run.cache.dir = str(cache_dir)
     for key, value in overrides.items():
         OmegaConf.update(run, key, value, force_add=True)
     return run
+
+
+def start_context(cfg: DictConfig, run_dir: Path):
+    """A run's context (splits, backbone, preprocessing, Trainer settings) without running a regime."""
+    cfg = for_run_dir(cfg, run_dir)
+    return start_run(cfg, run_dir, instantiate_training(cfg))
 
 
 def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
@@ -52,11 +58,12 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     b = cfg.bench
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = out_dir / "cache"  # cold: every cache build below is measured, none is reused from earlier runs
-    ctx = start_run(cfg, out_dir / "context")
-    device = training_device(cfg) or torch.device("cpu")
+    ctx = start_context(cfg, out_dir / "context")
+    placement = ctx.tools.placement
+    device = placement.device or torch.device("cpu")
     model, _ = ctx.spec.create()
     other_layout_model = copy.deepcopy(model)  # for 1b, before the layout below changes ``model`` in place
-    nhwc = channels_last(cfg)
+    nhwc = placement.channels_last
     if nhwc:  # the bare forward runs in the layout extraction uses: same inputs, batch, device and layout
         to_channels_last(model)
     image_size = tuple(ctx.data_config["input_size"])
@@ -74,8 +81,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         ips, entry = extraction_images_per_second(ctx, model, spec, folder, "train")
         extract_ips = max(extract_ips, ips)
     # 1b. Extraction in the other memory layout (trainer.channels_last=auto picks NHWC on CUDA GPUs only).
-    other_cfg = run_config(cfg, cache_dir, **{"trainer.channels_last": not nhwc})
-    other_ctx = dataclasses.replace(ctx, cfg=other_cfg)
+    other_placement = dataclasses.replace(placement, channels_last=not nhwc)
+    other_ctx = dataclasses.replace(ctx, tools=dataclasses.replace(ctx.tools, placement=other_placement))
     other_ips = max(
         extraction_images_per_second(other_ctx, other_layout_model, spec, cache_dir / f"layout{attempt}", "train")[0]
         for attempt in range(b.rounds)
@@ -91,29 +98,34 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
             pre_forward_ips, forward_images_per_second(model, predecoded, device, cfg.trainer.precision)
         )
         folder = cache_dir / f"predecoded{attempt}"
-        ips = predecoded_extraction_images_per_second(predecoded, extractor, spec, folder, trainer_device_kwargs(cfg))
+        ips = predecoded_extraction_images_per_second(predecoded, extractor, spec, folder, ctx.tools.extraction_kwargs)
         pre_extract_ips = max(pre_extract_ips, ips)
 
     # 2. A head for E epochs: from the cache vs with the frozen backbone run in every step. Both validate on the same
     # schedule; the cached side pays for building its train and validation caches (cold), the live side for the
     # pass that fits the head's feature normaliser. The test split is evaluated once on either side, not timed.
     head_overrides = {"head.epochs": b.epochs, "head.min_steps": 0}
-    cached = REGIMES["frozen"](run_config(cfg, cache_dir / "head", **head_overrides), out_dir / "head-cached")
+    cached = run_regime(run_config(cfg, cache_dir / "head", **head_overrides), out_dir / "head-cached")
     build = cached["cache"]["extract_seconds_by_split"]
     cached_seconds = build["train"] + build["validation"] + cached["train_seconds"]
     live_cfg = run_config(cfg, cache_dir / "head", **head_overrides)
-    live = live_head_run(start_run(live_cfg, out_dir / "head-live"), model)
+    live = live_head_run(start_context(live_cfg, out_dir / "head-live"), model)
     # 2b. The cached head's epochs with its in-memory features batched where they are (ResidentBatches, the default
     # within trainer.resident_data_mb) vs through a DataLoader; the cache is warm now, so this times training alone.
     loader_cfg = run_config(cfg, cache_dir / "head", **head_overrides, **{"trainer.resident_data_mb": 0})
-    through_loader = REGIMES["frozen"](loader_cfg, out_dir / "head-cached-dataloader")
+    through_loader = run_regime(loader_cfg, out_dir / "head-cached-dataloader")
 
     # 3. partial: epoch time with the prefix read from the cache vs run live (no gradients).
     level = split_level(list(ctx.spec.levels), cfg.regimes.partial.k)
     partial_overrides = {"regimes.partial.epochs": b.partial_epochs, "regimes.partial.min_steps": 0}
     partial = {
-        mode: REGIMES["partial"](
-            run_config(cfg, cache_dir / "partial", **partial_overrides, **{"regimes.partial.live_prefix": live_prefix}),
+        mode: run_regime(
+            with_regime(
+                run_config(
+                    cfg, cache_dir / "partial", **partial_overrides, **{"regimes.partial.live_prefix": live_prefix}
+                ),
+                "partial",
+            ),
             out_dir / f"partial-{mode}",
         )
         for mode, live_prefix in (("cached", False), ("live", True))

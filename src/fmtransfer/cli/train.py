@@ -12,7 +12,6 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import config_dir
 from fmtransfer.errors import FmtransferError
-from fmtransfer.regimes import REGIMES
 
 
 def resume_target(path: str) -> tuple[Path, DictConfig]:
@@ -57,10 +56,10 @@ def train(cfg: DictConfig) -> None:
     with user_errors():
         if cfg.get("resume"):
             run_dir, cfg = resume_target(str(cfg.resume))
-        if cfg.regime not in REGIMES:
-            raise FmtransferError(f"regime={cfg.regime} is not known; choose one of {sorted(REGIMES)}.")
-        print(f"[run] {cfg.regime} regime, writing to {run_dir} (resume an interrupted run with resume={run_dir})")
-        metrics = REGIMES[cfg.regime](cfg, run_dir)
+        from fmtransfer.regimes import run_regime
+
+        print(f"[run] writing to {run_dir} (resume an interrupted run with resume={run_dir})")
+        metrics = run_regime(cfg, run_dir)
     if rank_zero_only.rank == 0:  # under DDP the other ranks hold the same numbers
         print(summarise(metrics))
         print(f"run dir: {run_dir}")

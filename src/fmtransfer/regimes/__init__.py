@@ -1,25 +1,28 @@
 """Regimes stage: how much of the backbone is trained, each run ending in the same ``metrics.json`` schema.
 
+Each regime is a config of the ``regime/`` group whose ``_target_`` is its class here:
 ``frozen``: a head on cached maps; ``partial``: the last k stages + head, from the cached prefix output;
 ``finetune``: everything, backbone at a lower LR; ``scratch``: same architecture from random init.
 """
 
-from fmtransfer.regimes.common import RunContext, fit_and_evaluate, load_data, start_run
-from fmtransfer.regimes.frozen import run_frozen, train_head
-from fmtransfer.regimes.live import run_finetune, run_scratch
-from fmtransfer.regimes.partial import run_partial
-
-REGIMES = {"frozen": run_frozen, "partial": run_partial, "finetune": run_finetune, "scratch": run_scratch}
+from fmtransfer.regimes.context import RunContext, load_data, start_run
+from fmtransfer.regimes.frozen import FrozenRegime, HeadSettings, fit_head
+from fmtransfer.regimes.live import FinetuneRegime, ScratchRegime
+from fmtransfer.regimes.partial import PartialRegime
+from fmtransfer.regimes.run import Regime, for_run_dir, run_regime, with_regime
 
 __all__ = [
-    "REGIMES",
+    "FinetuneRegime",
+    "FrozenRegime",
+    "HeadSettings",
+    "PartialRegime",
+    "Regime",
     "RunContext",
-    "fit_and_evaluate",
+    "ScratchRegime",
+    "fit_head",
+    "for_run_dir",
     "load_data",
-    "run_finetune",
-    "run_frozen",
-    "run_partial",
-    "run_scratch",
+    "run_regime",
     "start_run",
-    "train_head",
+    "with_regime",
 ]

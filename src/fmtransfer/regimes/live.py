@@ -2,65 +2,87 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
-from fmtransfer.backbone import (
-    PRE_LOGITS,
-    FeatureMapExtractor,
-    FixedBatchNormStats,
-    build_eval_transform,
-    build_train_transform,
-    to_channels_last,
-)
-from fmtransfer.cache import CacheSpec
-from fmtransfer.data import ImageClassificationDataset
+from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FixedBatchNormStats, to_channels_last
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
-from fmtransfer.regimes.common import SPLITS, RunContext, epochs_for, fit_and_evaluate, reseed, start_run
-from fmtransfer.regimes.placement import channels_last, uses_cuda
+from fmtransfer.regimes.context import RunContext, start_run
+from fmtransfer.training import ImageDataModule, TrainingTools, epochs_for, fit_select_test, reseed
 
 
-def image_loaders(ctx: RunContext, batch_size: int, augment: bool) -> dict[str, DataLoader]:
-    """Decoded-image loaders: timm's training augmentation on train (if ``augment``), eval transform elsewhere."""
-    train_tf = build_train_transform(ctx.data_config) if augment else build_eval_transform(ctx.data_config)
-    eval_tf = build_eval_transform(ctx.data_config)
-    workers = ctx.cfg.data.num_workers
-    return {
-        s: DataLoader(
-            ImageClassificationDataset(ctx.data.splits[s], train_tf if s == "train" else eval_tf),
-            batch_size=batch_size,
-            shuffle=s == "train",
-            drop_last=s == "train" and len(ctx.data.splits[s]) > batch_size,  # no 1-image BatchNorm batches
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=uses_cuda(ctx.cfg),
+@dataclass
+class BackboneTraining:
+    """Settings of a regime that trains (part of) the backbone and a linear head on ``pre_logits``."""
+
+    fixed_bn_stats: bool  # the backbone keeps its pretrained BatchNorm statistics while its weights train
+    epochs: int
+    min_steps: int  # k-shot training sets are one batch: at least this many optimiser steps
+    lr: float  # head
+    backbone_lr: float
+    weight_decay: float
+    batch_size: int
+    monitor: str
+    monitor_mode: str
+
+    def settings(self) -> dict:
+        """The regime's settings, as ``metrics.json`` records them."""
+        return asdict(self)
+
+    def fit(
+        self,
+        ctx: RunContext,
+        head: nn.Module,
+        features: nn.Module,
+        datamodule: pl.LightningDataModule,
+        callbacks: Sequence[pl.Callback] = (),
+    ) -> dict:
+        """Train ``features`` (trainable backbone part, at ``backbone_lr``) and ``head``; select; test once.
+
+        ``trainer.channels_last`` runs the backbone part in NHWC layout.
+        """
+        if ctx.tools.placement.channels_last:
+            to_channels_last(features)
+        if self.fixed_bn_stats:
+            features = FixedBatchNormStats(features)
+        # Lightning keeps each module's mode at fit start, and backbones come in eval mode: set train mode explicitly
+        # (a FrozenModule prefix and fixed BatchNorm statistics stay in eval through their own train()).
+        features.train()
+        head.train()
+        epochs = epochs_for(len(ctx.data.splits["train"]), self.batch_size, self.epochs, self.min_steps)
+        module = HeadClassifier(
+            head,
+            ctx.data.num_classes,
+            lr=self.lr,
+            backbone_lr=self.backbone_lr,
+            weight_decay=self.weight_decay,
+            max_epochs=epochs,
+            features=features,
         )
-        for s in SPLITS
-    }
+        return fit_select_test(ctx.tools.fit_trainer(epochs, callbacks), module, datamodule, ctx.seed)
 
 
-def pre_logits_head(ctx: RunContext, probe_init: bool) -> LinearProbeHead:
+def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearProbeHead:
     """A linear head on ``pre_logits``; with ``probe_init`` it starts as a probe fitted on the frozen features (LP-FT).
 
     The frozen pre-logits come from the feature cache (a hit when the frozen regime ran with the same settings).
     """
-    cfg = ctx.cfg
     pre = next(lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS)
     if probe_init:
-        spec = CacheSpec((pre,), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size)
-        caches = ctx.cache_splits([pre], spec)
+        caches = ctx.cache_splits(ctx.cache_spec([pre]))
         train, val = (PooledFeatureDataset.from_cache(caches[s].split, [PRE_LOGITS]) for s in ("train", "validation"))
-    reseed(cfg)
+    reseed(ctx.seed)
     head = LinearProbeHead({PRE_LOGITS: pre.channels}, ctx.data.num_classes)
     if probe_init:
         loss = fit_probe_in_place(head, train.features, train.labels, validation=(val.features, val.labels))
-        print(f"[{cfg.regime}] head starts as a linear probe on frozen pre_logits (validation loss {loss:.3f})")
+        print(f"[{regime}] head starts as a linear probe on frozen pre_logits (validation loss {loss:.3f})")
     return head
 
 
@@ -75,61 +97,53 @@ class PreLogitsOf(nn.Module):
         return {PRE_LOGITS: self.module(x).flatten(1)}
 
 
-def train_with_backbone(
-    ctx: RunContext,
-    rc: DictConfig,
-    head: nn.Module,
-    features: nn.Module,
-    loaders: dict[str, Iterable],
-    callbacks: Sequence[pl.Callback] = (),
-) -> dict:
-    """Train ``features`` (trainable backbone part, at ``rc.backbone_lr``) and ``head`` with regime settings ``rc``.
-
-    ``rc.fixed_bn_stats`` keeps the backbone's BatchNorm statistics as pretrained while its weights train;
-    ``trainer.channels_last`` runs it in NHWC layout.
-    """
-    if channels_last(ctx.cfg):
-        to_channels_last(features)
-    if rc.get("fixed_bn_stats", False):
-        features = FixedBatchNormStats(features)
-    # Lightning keeps each module's mode at fit start, and backbones come in eval mode: set train mode explicitly
-    # (a FrozenModule prefix and fixed BatchNorm statistics stay in eval through their own train()).
-    features.train()
-    head.train()
-    epochs = epochs_for(len(ctx.data.splits["train"]), rc.batch_size, rc.epochs, rc.min_steps)
-    module = HeadClassifier(
-        head,
-        ctx.data.num_classes,
-        lr=rc.lr,
-        backbone_lr=rc.backbone_lr,
-        weight_decay=rc.weight_decay,
-        max_epochs=epochs,
-        features=features,
+def image_datamodule(ctx: RunContext, batch_size: int, augment: bool) -> ImageDataModule:
+    """The run's splits as decoded images (``data.num_workers`` workers, pinned memory on a GPU)."""
+    return ImageDataModule(
+        ctx.data.splits,
+        ctx.data_config,
+        batch_size,
+        augment,
+        num_workers=ctx.cfg.data.num_workers,
+        pin_memory=ctx.tools.placement.cuda,
     )
-    return fit_and_evaluate(ctx.cfg, module, loaders, ctx.run_dir, epochs, callbacks=callbacks)
 
 
-def run_whole_backbone(
-    cfg: DictConfig, run_dir: Path, regime: str, pretrained: bool, callbacks: Sequence[pl.Callback] = ()
-) -> dict:
-    """Train the whole backbone and a linear head on augmented images (finetune: pretrained; scratch: random)."""
-    rc = cfg.regimes[regime]
-    ctx = start_run(cfg, run_dir, weights=None if pretrained else "random", image_size=rc.image_size)
-    head = pre_logits_head(ctx, probe_init=pretrained and rc.lp_ft)
-    reseed(cfg)  # scratch's random initialisation must not depend on what ran before
-    model, info = ctx.spec.create()
-    pre = [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]
-    features = FeatureMapExtractor(model, pre)
-    loaders = image_loaders(ctx, rc.batch_size, augment=True)
-    results = train_with_backbone(ctx, rc, head, features, loaders, callbacks)
-    return ctx.metrics(regime, results, regime_config=dict(rc), weights=info.detail)
+@dataclass
+class WholeBackboneRegime(BackboneTraining):
+    """The whole backbone and a linear head, trained on augmented images."""
+
+    image_size: int | None  # None: the same preprocessing as the frozen regime
+    pretrained: ClassVar[bool] = True
+
+    def probe_init(self) -> bool:
+        return False
+
+    def run(self, cfg: DictConfig, run_dir: Path, tools: TrainingTools, callbacks: Sequence[pl.Callback] = ()) -> dict:
+        weights = None if self.pretrained else "random"  # None: backbone.weights
+        ctx = start_run(cfg, run_dir, tools, weights=weights, image_size=self.image_size)
+        head = pre_logits_head(ctx, probe_init=self.probe_init(), regime=self.name)
+        reseed(ctx.seed)  # scratch's random initialisation must not depend on what ran before
+        model, info = ctx.spec.create()
+        features = FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS])
+        results = self.fit(ctx, head, features, image_datamodule(ctx, self.batch_size, augment=True), callbacks)
+        return ctx.metrics(self.name, results, regime_config=self.settings(), weights=info.detail)
 
 
-def run_finetune(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
+@dataclass
+class FinetuneRegime(WholeBackboneRegime):
     """Fine-tune the whole pretrained backbone (lower LR than the head), optionally from a linear probe (LP-FT)."""
-    return run_whole_backbone(cfg, run_dir, "finetune", pretrained=True, callbacks=callbacks)
+
+    name: ClassVar[str] = "finetune"
+    lp_ft: bool  # linear probe first, then fine-tune everything (LP-FT)
+
+    def probe_init(self) -> bool:
+        return self.lp_ft
 
 
-def run_scratch(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
+@dataclass
+class ScratchRegime(WholeBackboneRegime):
     """The same architecture from random initialisation, everything trained, with augmentation."""
-    return run_whole_backbone(cfg, run_dir, "scratch", pretrained=False, callbacks=callbacks)
+
+    name: ClassVar[str] = "scratch"
+    pretrained: ClassVar[bool] = False

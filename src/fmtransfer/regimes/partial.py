@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -12,11 +14,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, build_suffix, split_level
-from fmtransfer.cache import CacheSpec
 from fmtransfer.heads import CachedMapDataset
-from fmtransfer.regimes.common import SPLITS, start_run
-from fmtransfer.regimes.live import PreLogitsOf, image_loaders, pre_logits_head, train_with_backbone
-from fmtransfer.regimes.placement import feature_batches
+from fmtransfer.regimes.context import start_run
+from fmtransfer.regimes.live import BackboneTraining, PreLogitsOf, image_datamodule, pre_logits_head
+from fmtransfer.training import CachedFeatureDataModule, TrainingTools
 
 
 class LivePrefix(nn.Module):
@@ -31,40 +32,42 @@ class LivePrefix(nn.Module):
         return self.prefix(x)[self.level]
 
 
-def run_partial(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
-    """Train the last ``regimes.partial.k`` stages + a linear head.
+@dataclass
+class PartialRegime(BackboneTraining):
+    """Train the last ``k`` stages + a linear head.
 
     By default an epoch runs only the trainable suffix, on the frozen prefix's output read from the feature cache
-    (extracted once, full resolution). ``regimes.partial.live_prefix=true`` runs the prefix every step instead, so
-    the training images can be augmented.
+    (extracted once, full resolution). ``live_prefix`` runs the prefix every step instead, so the training images
+    can be augmented.
     """
-    rc = cfg.regimes.partial
-    ctx = start_run(cfg, run_dir)
-    level = split_level(list(ctx.spec.levels), rc.k)
-    head = pre_logits_head(ctx, probe_init=rc.lp_init)
-    model, _ = ctx.spec.create()
-    suffix = build_suffix(model, level).requires_grad_(True)
-    if rc.live_prefix:
-        prefix = LivePrefix(FeatureMapExtractor(copy.deepcopy(model), [level]), level.name)
-        features = nn.Sequential(prefix, PreLogitsOf(suffix))
-        loaders = image_loaders(ctx, rc.batch_size, augment=True)
-        extract_seconds = 0.0
-    else:
-        caches = ctx.cache_splits([level], CacheSpec((level,), cfg.cache.dtype, "none"))
-        sets = {s: CachedMapDataset.from_cache(caches[s].split, level.name) for s in SPLITS}
-        # Like the image loaders: no last training batch of one sample (BatchNorm in train mode cannot take it).
-        loaders = {
-            s: feature_batches(
-                sets[s], rc.batch_size, s == "train", cfg, drop_last=s == "train" and len(sets[s]) > rc.batch_size
+
+    name: ClassVar[str] = "partial"
+    k: int  # trainable stages from the end, counted in the backbone's feature_info
+    live_prefix: bool
+    lp_init: bool  # start the head from a linear probe on the frozen features
+
+    def run(self, cfg: DictConfig, run_dir: Path, tools: TrainingTools, callbacks: Sequence[pl.Callback] = ()) -> dict:
+        ctx = start_run(cfg, run_dir, tools)
+        level = split_level(list(ctx.spec.levels), self.k)
+        head = pre_logits_head(ctx, probe_init=self.lp_init, regime=self.name)
+        model, _ = ctx.spec.create()
+        suffix = build_suffix(model, level).requires_grad_(True)
+        if self.live_prefix:
+            prefix = LivePrefix(FeatureMapExtractor(copy.deepcopy(model), [level]), level.name)
+            features = nn.Sequential(prefix, PreLogitsOf(suffix))
+            datamodule = image_datamodule(ctx, self.batch_size, augment=True)
+        else:
+            features = PreLogitsOf(suffix)
+            datamodule = CachedFeatureDataModule(
+                lambda: ctx.cache_splits(ctx.cache_spec([level], pool="none")),
+                lambda split: CachedMapDataset.from_cache(split, level.name),
+                self.batch_size,
+                ctx.tools.placement,
+                ctx.seed,
+                drop_last_train=True,
             )
-            for s in SPLITS
-        }
-        features = PreLogitsOf(suffix)
-        extract_seconds = sum(c.extract_seconds for c in caches.values())
-    results = train_with_backbone(ctx, rc, head, features, loaders, callbacks)
-    return ctx.metrics(
-        "partial",
-        results,
-        regime_config=dict(rc),
-        partial={"split_level": level.name, "split_module": level.module, "prefix_extract_seconds": extract_seconds},
-    )
+            datamodule.setup("fit")  # extract (or find) the prefix output before training is timed
+        results = self.fit(ctx, head, features, datamodule, callbacks)
+        extract_seconds = sum(c.extract_seconds for c in getattr(datamodule, "caches", {}).values())
+        split = {"split_level": level.name, "split_module": level.module, "prefix_extract_seconds": extract_seconds}
+        return ctx.metrics(self.name, results, regime_config=self.settings(), partial=split)

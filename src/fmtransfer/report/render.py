@@ -12,6 +12,46 @@ MEMORY_KINDS = {"gpu_max_allocated": "GPU", "cpu_rss_increase": "RSS"}
 METRIC_LABELS = {"acc": "accuracy", "f1_macro": "macro-F1", "balanced_acc": "balanced accuracy"}
 
 
+def time_ratio_text(ratio: float) -> str:
+    """``3.2× the winner's time`` or ``1/25 of the winner's time``."""
+    if ratio >= 0.5:
+        return f"{ratio:.1f}× the winner's time"
+    return f"1/{1 / ratio:.0f} of the winner's time" if ratio > 0 else "no measurable time"
+
+
+def verdict_text(verdict: dict, summary: dict) -> str:
+    """The verdict (``report.verdict.verdict``) in words, with the numbers it rests on."""
+    shots, winner = verdict["shots"], verdict["winner"]
+    rows = {r: by[shots] for r, by in summary.items() if shots in by}
+    w = rows[winner]
+    wt, wacc = w["train_seconds"]["mean"], w["test"]["acc"]
+    n = wacc["n"]
+    lines = [
+        f"**{winner}** wins with {'all training images' if shots == 'all' else f'{shots} images per class'} "
+        f"(chosen on validation accuracy, mean of {n} seed{'s' if n > 1 else ''}): test accuracy "
+        f"{wacc['mean']:.3f} ± {wacc['std']:.3f} (95% CI {wacc['ci95'][0]:.3f}–{wacc['ci95'][1]:.3f}), "
+        f"{w['trainable_params']:,} trainable parameters, {wt:.1f} s of training."
+    ]
+    for other, c in verdict["comparisons"].items():
+        o = rows[other]
+        oacc = o["test"]["acc"]
+        lines.append(
+            f"- vs **{other}**: {c['delta_points']:+.1f} points ({oacc['mean']:.3f} ± {oacc['std']:.3f}; "
+            f"{'95% intervals overlap, so not a clear difference' if c['intervals_overlap'] else 'a clear difference'}"
+            f"); {other} trains {o['trainable_params']:,} parameters for {o['train_seconds']['mean']:.1f} s "
+            f"({time_ratio_text(c['time_ratio'])})."
+        )
+    if verdict["best_on_test"] != winner:
+        lines.append(
+            f"On the test split **{verdict['best_on_test']}** scores highest; the winner is chosen on validation, as "
+            f"a user without test labels would."
+        )
+    if verdict["cheaper"]:
+        gaps = ", ".join(f"{r} ({-verdict['comparisons'][r]['delta_points']:+.1f})" for r in verdict["cheaper"])
+        lines.append(f"Cheaper than the winner and no more than 1 point below it on test: {gaps}.")
+    return "\n".join(lines)
+
+
 def fmt_summary(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['ci95'][0]:.{digits}f}, {s['ci95'][1]:.{digits}f}]"
 
@@ -152,6 +192,7 @@ def sections(results: dict) -> list[tuple[str, str]]:
 def write_report(results: dict, report_dir: Path) -> None:
     """Write ``report.md`` + ``figures/*.png`` and a standalone ``report.html``."""
     shots = results["verdict"]["shots"]
+    verdict = verdict_text(results["verdict"], results["summary"])
     figs = figures(results)
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
@@ -166,7 +207,7 @@ def write_report(results: dict, report_dir: Path) -> None:
         "",
         "## Verdict",
         "",
-        results["verdict"]["text"],
+        verdict,
         "",
         f"## {setup[0]}",
         "",
@@ -198,7 +239,7 @@ def write_report(results: dict, report_dir: Path) -> None:
 table{{border-collapse:collapse;font-size:13px;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 th{{background:#f3f3f3}}img{{max-width:100%;border:1px solid #eee}}code{{background:#f3f3f3}}</style></head><body>
-<h1>{html.escape(title)}</h1><h2>Verdict</h2>{_md_inline(results["verdict"]["text"])}
+<h1>{html.escape(title)}</h1><h2>Verdict</h2>{_md_inline(verdict)}
 <h2>{setup[0]}</h2>{_md_inline(setup[1])}
 <h2>{html.escape(table_title)}</h2>{_html_table(regime_table(results["summary"], shots))}
 <p>{html.escape(KEPT_START_NOTE)}</p>

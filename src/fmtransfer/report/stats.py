@@ -1,4 +1,4 @@
-"""Summaries over seeds: mean, standard deviation and a 95% confidence interval (Student's t)."""
+"""Summaries over seeds: mean, standard deviation and a 95% confidence interval (Student's t), per regime x shots."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 
 from scipy import stats
+
+from fmtransfer.metrics import METRIC_NAMES
 
 
 def summarise(values: Sequence[float], bounds: tuple[float, float] | None = None) -> dict:
@@ -21,3 +23,33 @@ def summarise(values: Sequence[float], bounds: tuple[float, float] | None = None
     if bounds is not None:
         lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     return {"mean": mean, "std": std, "ci95": [lo, hi], "n": n}
+
+
+def summarise_runs(records: list[dict]) -> dict:
+    """``{regime: {shots: {"test": {metric: summary}, "val": ..., "train_seconds": ..., ...}}}`` over seeds."""
+    out: dict = {}
+    for rec in records:
+        out.setdefault(rec["regime"], {}).setdefault(rec["shots_per_class"], []).append(rec)
+    summary = {}
+    for regime, by_shots in out.items():
+        summary[regime] = {}
+        for shots, recs in by_shots.items():
+            summary[regime][shots] = (
+                {
+                    split: {m: summarise([r[split][m] for r in recs], bounds=(0.0, 1.0)) for m in METRIC_NAMES}
+                    for split in ("test", "val")
+                }
+                | {
+                    k: summarise([r[k] for r in recs])
+                    for k in ("train_seconds", "seconds_per_epoch", "epochs", "peak_memory_bytes")
+                }
+                | {
+                    "trainable_params": recs[0]["trainable_params"],
+                    "peak_memory_kind": recs[0]["peak_memory_kind"],
+                    "image_size": recs[0]["image_size"],
+                    "seeds": [r["seed"] for r in recs],
+                    # Runs in which no epoch beat the starting weights on validation loss (they were kept).
+                    "kept_start": sum(str(r.get("selected") or "").startswith("initial") for r in recs),
+                }
+            )
+    return summary

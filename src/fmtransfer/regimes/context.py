@@ -1,0 +1,184 @@
+"""What every regime starts from: the run dir, the splits, the backbone's description and preprocessing, the
+feature cache; and the ``metrics.json`` every run ends with."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from fmtransfer.backbone import (
+    BackboneSpec,
+    FeatureMapExtractor,
+    LevelInfo,
+    build_eval_transform,
+    describe_backbone,
+    resolve_data_config,
+)
+from fmtransfer.cache import CacheResult, CacheSpec, FeatureCache, ensure_feature_cache
+from fmtransfer.data import PreparedData, prepare_data
+from fmtransfer.errors import ConfigError
+from fmtransfer.training import TrainingTools
+from fmtransfer.training.datamodules import SPLITS
+
+
+@dataclass
+class RunContext:
+    """Everything a regime needs that does not depend on the regime: config, splits, backbone, preprocessing, and
+    the run's Trainer/callback/logger factories (``tools``)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    data: PreparedData
+    spec: BackboneSpec
+    data_config: dict
+    tools: TrainingTools
+    started: float
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    def cache_spec(self, levels: Sequence[LevelInfo], pool: str | None = None) -> CacheSpec:
+        """``cache.*`` settings for ``levels`` (``pool`` overrides ``cache.pool``, e.g. ``none`` for full maps)."""
+        c = self.cfg.cache
+        return CacheSpec(tuple(levels), c.dtype, pool or c.pool, c.pool_size)
+
+    def cache_splits(self, cache_spec: CacheSpec) -> dict[str, CacheResult]:
+        """Every split's maps for ``cache_spec``, from the cache or extracted now (backbone built once, lazily)."""
+        cache = FeatureCache(self.cfg.cache.dir, self.cfg.cache.verify)
+        built: dict[str, FeatureMapExtractor] = {}
+
+        def build_extractor() -> FeatureMapExtractor:
+            if "extractor" not in built:
+                built["extractor"] = FeatureMapExtractor(self.spec.create()[0], list(cache_spec.levels))
+            return built["extractor"]
+
+        results = {split: self.cache_split(cache, split, cache_spec, build_extractor) for split in SPLITS}
+        hit = all(c.hit for c in results.values())
+        print(f"[cache] {'hit: reusing' if hit else 'built'} {results['train'].split.path.parent}")
+        return results
+
+    def cache_split(
+        self, cache: FeatureCache, split: str, cache_spec: CacheSpec, build_extractor: Callable[[], FeatureMapExtractor]
+    ) -> CacheResult:
+        """One split's maps in ``cache``, from it or extracted now by ``build_extractor()`` (called on a miss)."""
+        return ensure_feature_cache(
+            cache,
+            split,
+            self.data.splits[split],
+            self.data.class_names,
+            self.spec.name,
+            self.spec.weights.identity(),
+            self.data_config,
+            build_eval_transform(self.data_config),
+            cache_spec,
+            build_extractor,
+            trainer_kwargs=self.tools.extraction_kwargs,
+            batch_size=self.cfg.cache.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            extra_manifest={"weights": self.spec.weights.label, "split_source": self.data.split_source[split]},
+            channels_last=self.tools.placement.channels_last,
+            pin_memory=self.tools.placement.cuda,
+        )
+
+    def metrics(self, regime: str, results: dict, **extra) -> dict:
+        """The run's ``metrics.json`` (written into the run dir), common fields first."""
+        metrics = {
+            "regime": regime,
+            "test": results["test"],
+            "val": results["val"],
+            **extra,
+            "train_seconds": results["train_seconds"],
+            "seconds_per_epoch": results["seconds_per_epoch"],
+            "epochs": results["epochs"],
+            "trainable_params": results["trainable_params"],
+            "peak_memory_bytes": results["peak_memory_bytes"],
+            "peak_memory_kind": results["peak_memory_kind"],
+            "total_seconds": round(time.perf_counter() - self.started, 3),
+            "split_source": self.data.split_source,
+            "split_sizes": self.data.sizes(),
+            "shots_per_class": self.data.shots_per_class,
+            "skipped_images": [asdict(b) for b in self.data.skipped],
+            "class_names": self.data.class_names,
+            "backbone": {
+                "name": self.spec.name,
+                "weights": self.spec.weights.label,
+                "weights_identity": self.spec.weights.identity(),
+            },
+            "image_size": list(self.data_config["input_size"]),
+            "seed": self.seed,
+            "test_confusion": results["test_confusion"],
+            "best_checkpoint": results["best_checkpoint"],
+            "selected": results["selected"],
+            "device": results["device"],
+        }
+        if rank_zero_only.rank == 0:  # under DDP every rank has the same (synchronised) numbers
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+
+def start_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    tools: TrainingTools,
+    weights: str | None = None,
+    image_size: int | None = None,
+) -> RunContext:
+    """Save the resolved config, seed everything, prepare the splits and describe the backbone (no weights loaded)."""
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = load_data(cfg)
+    for note in data.notes:
+        print(f"[data] {note}")
+    print(f"[data] {data.source.description}: {data.sizes()} images, {data.num_classes} classes")
+    spec = describe_backbone(cfg.backbone.name, weights or cfg.backbone.weights, cfg.backbone.checkpoint)
+    overrides = preprocessing_overrides(cfg, data)
+    if image_size is not None:
+        overrides["image_size"] = image_size
+    data_config = resolve_data_config(spec.pretrained_cfg, **overrides)
+    return RunContext(cfg, run_dir, data, spec, data_config, tools, started)
+
+
+def load_data(cfg: DictConfig) -> PreparedData:
+    """The run's train/validation/test splits, as ``cfg.data`` describes them."""
+    d = cfg.data
+    return prepare_data(
+        str(d.path),
+        d.format,
+        OmegaConf.to_container(d.rename_splits) if d.rename_splits else None,
+        d.val_fraction,
+        d.test_fraction,
+        d.split_seed,
+        d.shots_per_class,
+        d.shots_seed,
+        cache_dir=str(Path(cfg.paths.data_dir) / "hf"),
+        skip_bad=cfg.data.skip_bad,
+    )
+
+
+def preprocessing_overrides(cfg: DictConfig, data: PreparedData) -> dict:
+    """``data.image_size`` / ``data.crop_pct``: a value, or ``auto`` (the source's preference, else the backbone's)."""
+    out = {}
+    for key, kind in (("image_size", int), ("crop_pct", float)):
+        value = cfg.data[key]
+        if value in (None, "auto"):
+            value = data.source.preferred_preprocessing.get(key)
+        elif not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ConfigError(f"data.{key}={value} must be a {kind.__name__} or 'auto'.")
+        out[key] = value
+    return out
+
+
+def as_level_spec(spec):
+    """A level spec from config (a string, an int, or a ListConfig) as a plain value or list."""
+    return spec if isinstance(spec, (str, int)) else list(spec)

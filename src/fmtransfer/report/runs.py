@@ -1,0 +1,113 @@
+"""Running a comparison: regimes x seeds x shots-per-class on the same splits, each run in its own directory.
+
+Every run has its own directory under ``<report dir>/runs/``; a run whose ``metrics.json`` exists is not repeated,
+so an interrupted comparison resumes where it stopped (and an interrupted run resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fmtransfer.analysis import transfer_by_depth
+from fmtransfer.errors import ConfigError
+from fmtransfer.hashing import mapping_key, source_fingerprint
+from fmtransfer.regimes import run_regime, with_regime
+
+RUN_FIELDS = (
+    "regime",
+    "seed",
+    "shots_per_class",
+    "test",
+    "val",
+    "train_seconds",
+    "seconds_per_epoch",
+    "epochs",
+    "trainable_params",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+    "image_size",
+    "test_confusion",
+    "device",
+    "selected",
+)
+
+
+def shots_key(shots) -> str:
+    return "all" if shots in (None, "all") else str(int(shots))
+
+
+def report_dir_for(cfg: DictConfig) -> Path:
+    """A directory named by what is compared and by the code that compares it, so the same command with the same
+    code finds (and resumes) the same comparison, and a code change never mixes old runs into a new report."""
+    c = cfg.compare
+    identity = OmegaConf.to_container(cfg, resolve=True)
+    for volatile in ("compare", "paths", "resume", "logger"):
+        identity.pop(volatile, None)
+    identity["trainer"].pop("progress_bar", None)
+    identity["code"] = source_fingerprint()
+    identity["compare"] = {"regimes": list(c.regimes), "seeds": list(c.seeds), "shots": [shots_key(s) for s in c.shots]}
+    return Path(c.out_dir) / f"{c.name}-{c.preset}-{mapping_key(identity)}"
+
+
+def run_config(cfg: DictConfig, regime: str, seed: int, shots) -> DictConfig:
+    """The config of one run: ``regimes.<regime>`` as its regime, same splits (``data.split_seed`` fixed), this
+    seed, this k-shot subset."""
+    run = with_regime(cfg, regime)
+    run.seed = seed
+    run.data.shots_per_class = None if shots_key(shots) == "all" else int(shots)
+    run.data.shots_seed = seed  # each seed sees its own k-shot subset: the spread covers the subset choice too
+    return run
+
+
+def plan_runs(cfg: DictConfig) -> list[tuple[str, int, str]]:
+    """(regime, seed, shots) of every run, "all" shots first: the headline numbers are ready even if a long
+    comparison is stopped early."""
+    c = cfg.compare
+    unknown = [r for r in c.regimes if r not in cfg.regimes]
+    if unknown:
+        raise ConfigError(f"compare.regimes has {unknown}; choose from {sorted(cfg.regimes)}.")
+    shots_order = sorted(c.shots, key=lambda s: (shots_key(s) != "all", 0 if shots_key(s) == "all" else int(s)))
+    return [(r, s, shots_key(k)) for k in shots_order for s in c.seeds for r in c.regimes]
+
+
+def run_all(cfg: DictConfig, report_dir: Path) -> list[dict]:
+    """Run (or reuse) every planned run; returns their records in plan order."""
+    plan = plan_runs(cfg)
+    records = []
+    for i, (regime, seed, shots) in enumerate(plan, 1):
+        run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
+        done = run_dir / "metrics.json"
+        label = f"[compare {i}/{len(plan)}] {regime}, seed {seed}, shots {shots}"
+        if done.is_file():
+            print(f"{label}: done earlier, reusing {done}")
+            metrics = json.loads(done.read_text())
+        else:
+            print(f"{label}: running")
+            start = time.perf_counter()
+            metrics = run_regime(run_config(cfg, regime, seed, shots), run_dir)
+            print(f"{label}: test acc {metrics['test']['acc']:.4f} in {time.perf_counter() - start:.0f} s")
+        record = {k: metrics.get(k) for k in RUN_FIELDS}
+        record.update(shots_per_class=shots, run_dir=str(run_dir))
+        records.append(record)
+    return records
+
+
+def depth_curve(records: list[dict]) -> dict | None:
+    """Linear-probe accuracy per cached level (validation split), from the frozen run of the first seed."""
+    from fmtransfer.cache import CachedSplit
+
+    frozen = next((r for r in records if r["regime"] == "frozen" and r["shots_per_class"] == "all"), None)
+    if frozen is None:
+        return None
+    metrics = json.loads((Path(frozen["run_dir"]) / "metrics.json").read_text())
+    entries = metrics["cache"]["entries"]
+    splits = {s: CachedSplit(Path(p), json.loads((Path(p) / "manifest.json").read_text())) for s, p in entries.items()}
+    return {
+        "split": "validation",
+        "fit_on": "train",
+        "accuracy": transfer_by_depth(splits["train"], splits["validation"]),
+    }

@@ -1,0 +1,29 @@
+"""Training stage: the fit -> select on validation -> test-once loop and what plugs into Lightning around it.
+
+``fit.py`` the loop; ``datamodules.py`` images and cached features as LightningDataModules; ``callbacks.py`` epoch
+timing and peak memory; ``placement.py`` where tensors live; ``instantiate.py`` Trainer, callbacks and loggers built
+from config (the only module here that reads a config).
+"""
+
+from fmtransfer.training.callbacks import EpochTimer, PeakMemory, release_free_memory
+from fmtransfer.training.datamodules import CachedFeatureDataModule, ImageDataModule
+from fmtransfer.training.fit import epochs_for, fit_select_test, reseed, validation_interval
+from fmtransfer.training.instantiate import TrainingTools, instantiate_training
+from fmtransfer.training.placement import Placement, feature_batches, resolve_placement
+
+__all__ = [
+    "CachedFeatureDataModule",
+    "EpochTimer",
+    "ImageDataModule",
+    "PeakMemory",
+    "Placement",
+    "TrainingTools",
+    "epochs_for",
+    "feature_batches",
+    "fit_select_test",
+    "instantiate_training",
+    "release_free_memory",
+    "reseed",
+    "resolve_placement",
+    "validation_interval",
+]

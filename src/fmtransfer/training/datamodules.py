@@ -1,0 +1,134 @@
+"""The data side of training as LightningDataModules: decoded images (live regimes) and cached feature maps
+(frozen and partial regimes, extracted in ``setup`` on a cache miss)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pytorch_lightning as pl
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from fmtransfer.backbone import build_eval_transform, build_train_transform
+from fmtransfer.cache import CachedSplit, CacheResult
+from fmtransfer.data import ImageClassificationDataset
+from fmtransfer.heads import InMemoryDataset
+from fmtransfer.training.placement import Placement, feature_batches
+
+SPLITS = ("train", "validation", "test")
+
+
+def evaluate_each_sample_once(loader, trainer: pl.Trainer | None):
+    """``loader`` split across the trainer's processes without padding: under DDP, Lightning's default sampler repeats
+    samples to even out the ranks, which would count them twice in validation and test metrics."""
+    if trainer is None or trainer.world_size == 1:
+        return loader
+    sampler = UnrepeatedDistributedSampler(
+        loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        persistent_workers=loader.persistent_workers,
+    )
+
+
+class _EvaluateOnce(pl.LightningDataModule):
+    """Validation and test loaders that count every sample once, also under DDP."""
+
+    def loader(self, split: str):
+        raise NotImplementedError
+
+    def val_dataloader(self):
+        return evaluate_each_sample_once(self.loader("validation"), self.trainer)
+
+    def test_dataloader(self):
+        return evaluate_each_sample_once(self.loader("test"), self.trainer)
+
+
+class ImageDataModule(_EvaluateOnce):
+    """Decoded images of every split: timm's training augmentation on train (if ``augment``), the eval transform
+    elsewhere. A last, smaller training batch is dropped unless ``drop_last_train`` is false (BatchNorm in train
+    mode cannot take a batch of one image)."""
+
+    def __init__(
+        self,
+        splits: Mapping[str, Dataset],
+        data_config: dict,
+        batch_size: int,
+        augment: bool,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last_train: bool = True,
+    ):
+        super().__init__()
+        self.splits = splits
+        self.drop_last_train = drop_last_train
+        self.data_config = data_config
+        self.batch_size = batch_size
+        self.augment = augment
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        eval_tf = build_eval_transform(self.data_config)
+        transform = build_train_transform(self.data_config) if train and self.augment else eval_tf
+        return DataLoader(
+            ImageClassificationDataset(self.splits[split], transform),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last_train and len(self.splits[split]) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train")
+
+
+class CachedFeatureDataModule(_EvaluateOnce):
+    """Cached maps of every split as in-memory tensors, batched by ``feature_batches``.
+
+    ``load_caches`` returns each split's cache entry, extracting the maps first on a miss: it runs in ``setup``
+    (once, however often Lightning calls it), on every process, since DDP extraction shards the work by rank.
+    ``make_dataset`` turns one cached split into the dataset (pooled vectors for heads, full maps for partial).
+    """
+
+    def __init__(
+        self,
+        load_caches: Callable[[], dict[str, CacheResult]],
+        make_dataset: Callable[[CachedSplit], InMemoryDataset],
+        batch_size: int,
+        placement: Placement,
+        seed: int,
+        drop_last_train: bool = False,
+    ):
+        super().__init__()
+        self.load_caches = load_caches
+        self.make_dataset = make_dataset
+        self.batch_size = batch_size
+        self.placement = placement
+        self.seed = seed
+        self.drop_last_train = drop_last_train
+        self.caches: dict[str, CacheResult] = {}
+        self.sets: dict[str, InMemoryDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sets:
+            return
+        self.caches = self.load_caches()
+        self.sets = {s: self.make_dataset(self.caches[s].split) for s in SPLITS}
+
+    def loader(self, split: str, shuffle: bool = False, drop_last: bool = False):
+        self.setup()
+        return feature_batches(self.sets[split], self.batch_size, shuffle, self.placement, self.seed, drop_last)
+
+    def train_dataloader(self):
+        # Like the image loaders: no last training batch of one sample (BatchNorm in train mode cannot take it).
+        drop_last = self.drop_last_train and len(self.sets["train"]) > self.batch_size
+        return self.loader("train", shuffle=True, drop_last=drop_last)

@@ -1,0 +1,132 @@
+"""The fit loop every regime shares: train, select the checkpoint on validation, evaluate the test split once.
+
+The starting weights compete in model selection too (early stopping that includes step 0): a run that starts from a
+fitted probe (LP-FT, partial) keeps it when no epoch of fine-tuning improves the validation loss. They are scored
+with ``trainer.validate``, so precision, DDP reduction and logging are those of every other validation, and the
+score is stored in the run dir, so a resumed run still compares against its true start.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from fmtransfer.errors import ConfigError
+from fmtransfer.heads import HeadClassifier
+from fmtransfer.metrics import METRIC_NAMES
+from fmtransfer.training.callbacks import EpochTimer, PeakMemory
+
+START_FILE = "start.pt"  # in the checkpoint dir: {"score": validation loss, "state_dict": starting weights}
+
+
+def reseed(seed: int) -> None:
+    """Seed everything again just before something random is built or trained, so a run's numbers do not depend on
+    what ran before it in the process (e.g. whether the cache missed and a backbone was built)."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def epochs_for(num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """``epochs``, raised so training takes at least ``min_steps`` optimiser steps (k-shot sets are one batch)."""
+    steps_per_epoch = max(1, -(-num_train // batch_size))
+    return max(epochs, -(-min_steps // steps_per_epoch))
+
+
+def validation_interval(epochs: int, validations_per_run: int) -> int:
+    """Epochs between validations so that a run validates about ``validations_per_run`` times.
+
+    A few-shot run has many one-step epochs; validating a large validation split after each of them would cost far
+    more than training, while a score every few epochs is plenty to pick the checkpoint.
+    """
+    if int(validations_per_run) < 1:
+        raise ConfigError(f"trainer.validations_per_run={validations_per_run} must be at least 1.")
+    return max(1, epochs // int(validations_per_run))
+
+
+def _checkpoints(trainer: pl.Trainer) -> tuple[ModelCheckpoint, ModelCheckpoint | None]:
+    """The checkpoint that selects on a monitored metric, and the periodic resume point (``monitor: null``)."""
+    best = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    last = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and not c.monitor]
+    if not best:
+        raise ConfigError("callbacks: a ModelCheckpoint with a monitor (best_checkpoint) is needed to select weights.")
+    return best[0], (last[0] if last else None)
+
+
+def _callback(trainer: pl.Trainer, kind: type):
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
+def _starting_score(
+    trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, monitor: str, store: Path
+) -> float:
+    """``monitor`` of the starting weights on validation (read back from ``store`` when the run resumes)."""
+    if store.is_file():
+        return float(torch.load(store, map_location="cpu", weights_only=True)["score"])
+    # Not logged: the logs (and the report's learning curves read from them) hold one validation per epoch.
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        score = float(trainer.validate(module, datamodule=datamodule, verbose=False)[0][monitor])
+    finally:
+        trainer.loggers = loggers
+    if trainer.is_global_zero:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        tmp = store.with_suffix(".tmp")
+        torch.save({"score": score, "state_dict": state}, tmp)
+        tmp.replace(store)  # never a half-written start: a resumed run would trust it
+    return score
+
+
+def fit_select_test(
+    trainer: pl.Trainer,
+    module: HeadClassifier,
+    datamodule: pl.LightningDataModule,
+    seed: int,
+    include_start: bool = True,
+) -> dict:
+    """Train ``module`` on ``datamodule``; pick the checkpoint on validation; evaluate the test split once, with it.
+
+    ``trainer`` comes with its callbacks (a monitoring ``ModelCheckpoint`` at least; ``EpochTimer`` and
+    ``PeakMemory`` when present). A resume point (``last.ckpt``) left by an interrupted run is resumed from.
+    """
+    best, last = _checkpoints(trainer)
+    last_path = Path(last.dirpath) / f"{last.filename}.ckpt" if last is not None else None
+    resuming = last_path is not None and last_path.is_file()
+    if resuming:
+        print(f"[train] resuming from {last_path}")
+    store = Path(best.dirpath) / START_FILE
+    start_score = None
+    if include_start and best.monitor == "val/loss" and best.mode == "min":
+        start_score = _starting_score(trainer, module, datamodule, best.monitor, store)
+    reseed(seed)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_path) if resuming else None)
+    train_seconds = time.perf_counter() - start
+    selected, best_path = "best epoch", str(best.best_model_path)
+    if start_score is not None and (best.best_model_score is None or start_score < float(best.best_model_score)):
+        module.load_state_dict(torch.load(store, map_location="cpu", weights_only=True)["state_dict"])
+        best_path = str(Path(best.dirpath) / "initial.ckpt")
+        trainer.save_checkpoint(best_path)
+        selected = "initial state (no epoch improved the validation loss)"
+    # Model selection used validation only; the test split is evaluated once, with the selected weights.
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+    timer, memory = _callback(trainer, EpochTimer), _callback(trainer, PeakMemory)
+    epoch_seconds = timer.seconds if timer is not None else []
+    return {
+        "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
+        "test": {m: round(float(test[f"test/{m}"]), 6) for m in METRIC_NAMES},
+        "test_confusion": module.test_confusion,
+        "best_checkpoint": best_path,
+        "selected": selected,
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "train_seconds": round(train_seconds, 3),
+        "epochs": len(epoch_seconds),
+        "seconds_per_epoch": round(sum(epoch_seconds) / max(1, len(epoch_seconds)), 4),
+        "peak_memory_bytes": int(memory.peak_bytes) if memory is not None else None,
+        "peak_memory_kind": memory.kind if memory is not None else None,
+        "device": str(trainer.strategy.root_device),
+    }

@@ -1,0 +1,89 @@
+"""Where a run's tensors live: the training device, small in-memory datasets moved onto it once, pinned memory for
+the rest, channels-last convolutions on GPUs. ``resolve_placement`` decides it once per run, from plain values
+(with the CUDA check injectable, so GPU decisions are tested on a CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from fmtransfer.errors import ConfigError
+from fmtransfer.heads import InMemoryDataset, ResidentBatches, feature_loader
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``device``: the one device a run trains on, or None when it may run several processes (DDP picks each rank's
+    device) or names an accelerator this machine does not have. ``cuda``: the model runs on a CUDA GPU (pinned host
+    memory pays off). ``channels_last``: NHWC convolutions. ``resident_bytes``: in-memory datasets up to this size
+    move to ``device`` once."""
+
+    device: torch.device | None
+    cuda: bool
+    channels_last: bool
+    resident_bytes: int
+
+
+def resolve_placement(
+    accelerator: str,
+    devices: int | str | Sequence[int],
+    num_nodes: int,
+    channels_last: bool | str,
+    resident_data_mb: float,
+    cuda_available: bool | None = None,
+) -> Placement:
+    """The placement of a run with these Trainer settings (``trainer.*``); ``cuda_available`` defaults to asking
+    torch. ``channels_last``: ``auto`` (on CUDA GPUs, where NHWC convolutions use tensor cores), true or false."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    cuda = cuda_available and accelerator in ("gpu", "cuda", "auto")
+    if channels_last == "auto":
+        channels_last = cuda
+    elif not isinstance(channels_last, bool):
+        raise ConfigError(f"trainer.channels_last={channels_last!r} must be auto, true or false.")
+    if isinstance(resident_data_mb, bool) or not isinstance(resident_data_mb, (int, float)) or resident_data_mb < 0:
+        raise ConfigError(
+            f"trainer.resident_data_mb={resident_data_mb!r} must be a size in MiB (0 keeps every dataset behind a "
+            "DataLoader)."
+        )
+    return Placement(
+        _single_device(accelerator, devices, num_nodes, cuda), cuda, channels_last, int(resident_data_mb * MiB)
+    )
+
+
+def _single_device(accelerator: str, devices, num_nodes: int, cuda: bool) -> torch.device | None:
+    if isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) == 1:
+        index = int(devices[0])
+    elif devices in (1, "1"):
+        index = 0  # Lightning's devices=1 is the first device
+    else:
+        return None
+    if num_nodes != 1:
+        return None
+    if cuda:
+        return torch.device("cuda", index)
+    return torch.device("cpu") if accelerator in ("cpu", "auto") else None
+
+
+def feature_batches(
+    dataset: InMemoryDataset,
+    batch_size: int,
+    shuffle: bool,
+    placement: Placement,
+    seed: int,
+    drop_last: bool = False,
+) -> ResidentBatches | DataLoader:
+    """Batches of an in-memory dataset (pooled features, cached prefix maps) for training or evaluation.
+
+    On a single device and within ``placement.resident_bytes``, the tensors move to the device once and each step
+    slices them there (``ResidentBatches``, order seeded by ``seed``); otherwise a DataLoader, with pinned memory
+    when the model is on a GPU. Under several processes always a DataLoader (distributed samplers).
+    """
+    if placement.device is not None and dataset.nbytes <= placement.resident_bytes:
+        return ResidentBatches(dataset, batch_size, shuffle, placement.device, seed=seed, drop_last=drop_last)
+    return feature_loader(dataset, batch_size, shuffle, drop_last=drop_last, pin_memory=placement.cuda)

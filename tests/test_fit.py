@@ -1,0 +1,114 @@
+"""The shared fit loop: the starting weights compete in selection through trainer.validate, resumed runs keep
+their start's score, callbacks from config measure the run; the Trainer, callbacks and loggers come from config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from fmtransfer.cli.config import compose_config
+from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset
+from fmtransfer.regimes import FinetuneRegime, FrozenRegime, PartialRegime, ScratchRegime, for_run_dir
+from fmtransfer.training import CachedFeatureDataModule, EpochTimer, PeakMemory, fit_select_test, instantiate_training
+from fmtransfer.training.fit import START_FILE
+
+
+def digits_datamodule(placement) -> CachedFeatureDataModule:
+    """Real digits (scikit-learn's scans) as 64-pixel feature vectors, split 60/20/20."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.data / 16.0).astype(np.float32))
+    y = torch.from_numpy(d.target.astype(np.int64))
+    cut = {"train": slice(0, 600), "validation": slice(600, 800), "test": slice(800, 1000)}
+    sets = {s: PooledFeatureDataset({"pixels": x[c]}, y[c]) for s, c in cut.items()}
+    return CachedFeatureDataModule(
+        lambda: {s: SimpleNamespace(split=s) for s in sets}, lambda s: sets[s], 64, placement, seed=0
+    )
+
+
+def tools_for(tmp_path: Path, *overrides: str):
+    cfg = for_run_dir(compose_config([f"paths.log_dir={tmp_path / 'logs'}", *overrides]), tmp_path / "run")
+    return instantiate_training(cfg)
+
+
+def module(lr: float) -> HeadClassifier:
+    torch.manual_seed(0)
+    return HeadClassifier(LinearProbeHead({"pixels": 64}, 10), 10, lr=lr, max_epochs=3)
+
+
+def test_trainer_callbacks_and_logger_come_from_config(tmp_path):
+    tools = tools_for(tmp_path, "trainer.validations_per_run=2")
+    trainer = tools.fit_trainer(epochs=6)
+    assert trainer.max_epochs == 6 and trainer.check_val_every_n_epoch == 3
+    kinds = {type(c) for c in trainer.callbacks}
+    assert {ModelCheckpoint, EpochTimer, PeakMemory} <= kinds
+    best = trainer.checkpoint_callback
+    assert Path(best.dirpath) == tmp_path / "run" / "checkpoints" and best.monitor == "val/loss"
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["CSVLogger"]
+    assert Path(trainer.loggers[0].log_dir) == tmp_path / "run" / "csv"
+    # Each fit gets fresh callbacks: a Trainer's callbacks hold that run's state.
+    assert not set(map(id, trainer.callbacks)) & set(map(id, tools.fit_trainer(epochs=6).callbacks))
+
+
+def test_an_improving_run_selects_its_best_epoch_and_measures_itself(tmp_path):
+    tools = tools_for(tmp_path)
+    datamodule = digits_datamodule(tools.placement)
+    results = fit_select_test(tools.fit_trainer(epochs=8), module(lr=0.05), datamodule, seed=0)
+    assert results["selected"] == "best epoch" and results["best_checkpoint"].endswith("best.ckpt")
+    assert results["test"]["acc"] > 0.8, "a linear probe on real digit pixels is far above chance (0.1)"
+    assert results["epochs"] == 8 and results["seconds_per_epoch"] > 0
+    assert results["peak_memory_kind"] == "cpu_rss_increase" and results["peak_memory_bytes"] >= 0
+    start = torch.load(tmp_path / "run" / "checkpoints" / START_FILE, weights_only=True)
+    assert start["score"] > 2.0, "the untrained start's cross-entropy on 10 classes is about ln 10"
+
+
+def test_the_start_is_kept_when_no_epoch_beats_it_on_validation(tmp_path):
+    tools = tools_for(tmp_path)
+    datamodule = digits_datamodule(tools.placement)
+    trainer = tools.fit_trainer(epochs=3)
+    start_module = module(lr=0.05)
+    expected = tools.fit_trainer(epochs=1).validate(start_module, datamodule=datamodule, verbose=False)[0]
+    # An LR this large wrecks the probe in its first step: every epoch is worse than the start.
+    wrecked = module(lr=1e4)
+    results = fit_select_test(trainer, wrecked, datamodule, seed=0)
+    assert results["selected"].startswith("initial state")
+    store = torch.load(tmp_path / "run" / "checkpoints" / START_FILE, weights_only=True)
+    assert store["score"] == pytest.approx(expected["val/loss"], rel=1e-6)
+    assert results["val"]["acc"] == pytest.approx(expected["val/acc"], abs=1e-6)
+
+
+def test_a_resumed_run_compares_against_the_score_of_its_true_start(tmp_path):
+    """The stored start score is what counts on resume, not a new validation of whatever the module holds."""
+    tools = tools_for(tmp_path)
+    datamodule = digits_datamodule(tools.placement)
+    store = tmp_path / "run" / "checkpoints" / START_FILE
+    store.parent.mkdir(parents=True)
+    start = module(lr=0.05)
+    torch.save({"score": 0.0, "state_dict": start.state_dict()}, store)  # a start no epoch can beat
+    results = fit_select_test(tools.fit_trainer(epochs=3), module(lr=0.05), datamodule, seed=0)
+    assert results["selected"].startswith("initial state")
+
+
+@pytest.mark.parametrize(
+    ("regime", "kind", "extra"),
+    [
+        ("frozen", FrozenRegime, {}),
+        ("partial", PartialRegime, {"regime.k": 2}),
+        ("finetune", FinetuneRegime, {"regime.lp_ft": False}),
+        ("scratch", ScratchRegime, {"regime.image_size": 64}),
+    ],
+)
+def test_each_regime_is_a_config_group_option_instantiated_with_its_settings(regime, kind, extra):
+    import hydra
+
+    cfg = compose_config([f"regime={regime}", *(f"{k}={v}" for k, v in extra.items())])
+    instance = hydra.utils.instantiate(cfg.regime, _convert_="all")
+    assert isinstance(instance, kind) and instance.name == regime
+    for key, value in extra.items():
+        assert getattr(instance, key.split(".")[1]) == value
