@@ -39,7 +39,8 @@ def split_level(levels: list[LevelInfo], trainable_stages: int) -> LevelInfo:
     maps = [lv for lv in levels if lv.index is not None]
     if not 1 <= trainable_stages <= len(maps) - 1:
         raise ConfigError(
-            f"regime.k={trainable_stages} (partial; regimes.partial.k in make compare): this backbone has {len(maps)} feature_info stages, so k must be "
+            f"regime.k={trainable_stages} (partial; regimes.partial.k in make compare): this backbone has "
+            f"{len(maps)} feature_info stages, so k must be "
             f"between 1 and {len(maps) - 1} (use the finetune regime to train everything)."
         )
     return maps[len(maps) - 1 - trainable_stages]

@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> None:
             run_dir, cfg = resume_target(str(cfg.resume))
         from fmtransfer.regimes import run_regime
 
-        print(f"[run] writing to {run_dir} (resume an interrupted run with resume={run_dir})")
+        print(f"[run] resume an interrupted run with: make train ARGS=resume={run_dir}")
         metrics = run_regime(cfg, run_dir)
     if rank_zero_only.rank == 0:  # under DDP the other ranks hold the same numbers
         print(summarise(metrics))

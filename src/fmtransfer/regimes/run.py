@@ -48,4 +48,5 @@ def run_regime(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] 
     if "_target_" not in cfg.get("regime", {}):
         raise ConfigError("regime: not a regime config; choose one from configs/regime/, e.g. regime=partial.")
     regime: Regime = hydra.utils.instantiate(cfg.regime, _convert_="all")
+    print(f"[run] {regime.name} regime -> {run_dir}")
     return regime.run(cfg, run_dir, instantiate_training(cfg), callbacks)
