@@ -9,6 +9,10 @@ import torch
 
 from fmtransfer.cli.bench import main as bench_main
 
+from .conftest import SHARED
+
+SHARED_HYMENOPTERA = SHARED / "hymenoptera"
+
 FIGURES = (
     "extract_over_forward",
     "extract_over_forward_predecoded",
@@ -31,6 +35,9 @@ def bench(tmp_path_factory):
         "bench.partial_epochs=1",
         "bench.rounds=1",
         "bench.repeats=1",
+        "bench.fast_path.image_size=64",  # the fast-path rows at a test's size (make bench: the backbone's 224 px)
+        "bench.fast_path.train_steps=1",
+        "bench.fast_path.train_batch_size=8",
     ]
     return out, args
 
@@ -55,7 +62,17 @@ def test_bench_writes_every_figure_and_prints_its_path_last(bench, capsys):
     assert result["extract_nhwc_over_nchw"] == pytest.approx(
         t["extract_images_per_s_by_layout"]["nhwc"] / t["extract_images_per_s_by_layout"]["nchw"], rel=0.01
     )
-    assert t["channels_last"] is torch.cuda.is_available()
+    assert t["channels_last"] is True  # trainer.channels_last=auto: NHWC on CPUs and CUDA GPUs
+    fast = result["cpu_fast_path"]
+    if SHARED_HYMENOPTERA.is_dir():
+        assert set(fast["modes"]) >= {"nchw_fp32", "nhwc_fp32"} and fast["images"] > 100
+        for mode in fast["modes"].values():
+            assert min(mode.values()) > 0
+        if not fast["native_bf16"]:
+            assert "no native bf16" in fast["skipped"]["nhwc_bf16"]
+        assert any(line.startswith("  nhwc_fp32: forward") for line in printed)
+    else:
+        assert "not a folder" in fast["skipped"]
     assert result["extract_predecoded_images_per_s"] == t["predecoded"]["extract_images_per_s"] > 0
     assert result["resident_over_dataloader"] == pytest.approx(
         t["head"]["dataloader_seconds_per_epoch"] / t["head"]["resident_seconds_per_epoch"], rel=0.01

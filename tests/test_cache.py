@@ -52,6 +52,7 @@ def build(
     pool_size=2,
     builder=None,
     split_name="train",
+    precision="32-true",
 ):
     data_config = resolve_data_config(spec.pretrained_cfg, size)
     chosen = parse_levels(list(levels), spec.levels)
@@ -72,7 +73,7 @@ def build(
         build_eval_transform(data_config),
         CacheSpec(tuple(chosen), dtype, pool, pool_size),
         builder or default_builder,
-        trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False},
+        trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False, "precision": precision},
         batch_size=8,
     )
     return result, calls
@@ -257,3 +258,19 @@ def test_pooling_modes_bound_the_map_size():
     g = pool_map(x, "global", 4)
     assert g.shape == (2, 3) and torch.allclose(g, x.mean((2, 3)))
     assert torch.allclose(pool_map(x, "avg", 4).mean((2, 3)), g), "avg pooling keeps the global mean"
+
+
+def test_a_bf16_extraction_is_its_own_entry_and_close_to_fp32(tmp_path, spec, model, digits):
+    """bf16 maps differ from fp32 ones: an entry made in one precision is never reused by the other."""
+    cache = FeatureCache(tmp_path)
+    split = digits.splits["train"]
+    fp32, _ = build(cache, split, spec, model, dtype="float32")
+    bf16, calls = build(cache, split, spec, model, dtype="float32", precision="bf16-mixed")
+    assert not bf16.hit and calls == [1], "the fp32 entry must not serve a bf16 run"
+    assert bf16.split.path != fp32.split.path
+    assert bf16.split.manifest["parts"]["precision"] == "bf16-mixed" and bf16.split.manifest["parts"]["timm"]
+    again, calls = build(cache, split, spec, model, dtype="float32", precision="bf16-mixed")
+    assert again.hit and calls == [] and again.split.path == bf16.split.path
+    a, b = fp32.split.load("pre_logits"), bf16.split.load("pre_logits")
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.99, "bf16 autocast keeps the features' direction"

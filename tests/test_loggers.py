@@ -36,7 +36,9 @@ def test_mlflow_writes_a_file_store_into_the_run_dir(tmp_path, tiny_overrides, m
     runs = [p for p in experiments[0].iterdir() if (p / "meta.yaml").is_file()]
     assert len(runs) == 1
     metrics = runs[0] / "metrics"  # MLflow stores "val/loss" as metrics/val/loss
-    assert {"train/loss", "val/loss", "test/acc"} <= {str(p.relative_to(metrics)) for p in metrics.rglob("*") if p.is_file()}
+    assert {"train/loss", "val/loss", "test/acc"} <= {
+        str(p.relative_to(metrics)) for p in metrics.rglob("*") if p.is_file()
+    }
 
 
 def test_wandb_runs_offline_into_the_run_dir(tmp_path, tiny_overrides, monkeypatch):

@@ -13,7 +13,14 @@ from torch.utils.data import DataLoader
 from fmtransfer.backbone import FeatureMapExtractor, describe_backbone, to_channels_last
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import CachedMapDataset, PooledFeatureDataset, ResidentBatches
-from fmtransfer.training import Placement, feature_batches, resolve_placement
+from fmtransfer.training import (
+    Placement,
+    Precision,
+    cpu_has_native_bf16,
+    feature_batches,
+    resolve_placement,
+    resolve_precision,
+)
 
 
 def pooled_dataset(n: int = 10) -> PooledFeatureDataset:
@@ -80,10 +87,11 @@ def test_bad_placement_settings_name_the_option(key, value):
         placement(**{key: value})
 
 
-def test_channels_last_auto_is_off_without_a_gpu_and_can_be_forced():
-    assert placement().channels_last is False
-    assert placement(channels_last=True).channels_last is True
+def test_channels_last_auto_is_on_for_cpus_and_cuda_and_can_be_turned_off():
+    assert placement().channels_last is True  # NHWC convolutions measured faster on CPUs too
+    assert placement(channels_last=False).channels_last is False
     assert placement(cuda_available=True, channels_last=False).channels_last is False
+    assert placement(accelerator="mps").channels_last is False
 
 
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
@@ -95,6 +103,17 @@ def test_on_a_gpu_the_run_trains_on_it_with_pinned_memory_and_channels_last(acce
     # A GPU asked for on a machine without one: no single device to move data to, nothing pinned.
     gpu_less = placement(cuda_available=False, accelerator="gpu")
     assert gpu_less.device is None and not gpu_less.cuda and not gpu_less.channels_last
+
+
+def test_auto_precision_is_bf16_for_backbones_only_where_the_hardware_has_it():
+    assert resolve_precision("auto", cuda=False, native_bf16=True) == Precision("bf16-mixed", "bf16-mixed", "32-true")
+    # An AVX2-only CPU would emulate bf16, slower than fp32: auto keeps fp32.
+    assert resolve_precision("auto", cuda=False, native_bf16=False) == Precision("32-true", "32-true", "32-true")
+    assert resolve_precision("auto", cuda=True, native_bf16=True).extraction == "bf16-mixed"
+    # An explicit precision is used for everything, as before.
+    assert resolve_precision("32-true", cuda=True, native_bf16=True) == Precision("32-true", "32-true", "32-true")
+    assert resolve_precision("bf16-mixed", cuda=False, native_bf16=False).head == "bf16-mixed"
+    assert isinstance(cpu_has_native_bf16(), bool)
 
 
 def test_pinned_dataloader_when_the_model_is_on_a_gpu_but_the_data_is_too_big_to_move():

@@ -124,3 +124,20 @@ def test_validation_interval_keeps_about_the_requested_number_of_validations():
     assert validation_interval(150, 20) == 7
     with pytest.raises(ConfigError, match=r"trainer\.validations_per_run=0"):
         validation_interval(30, 0)
+
+
+def test_bf16_mixed_training_and_extraction_run_on_the_cpu(tmp_path, tiny_overrides):
+    """The GPU's precision path (bf16 autocast) exercised where the CPU can: a partial run trains its suffix in
+    bf16-mixed and says so; the frozen head's cache is extracted in bf16 too."""
+    from fmtransfer.cli.config import compose_config
+    from fmtransfer.regimes import run_regime
+
+    overrides = [*tiny_overrides, "trainer.precision=bf16-mixed", "data.shots_per_class=3"]
+    partial = run_regime(
+        compose_config([*overrides, "regime=partial", "regime.epochs=1", "regime.min_steps=2"]), tmp_path / "p"
+    )
+    assert partial["precision"] == {"training": "bf16-mixed", "extraction": "bf16-mixed"}
+    assert 0.0 <= partial["test"]["acc"] <= 1.0 and partial["epochs"] >= 1
+    frozen = run_regime(compose_config(overrides), tmp_path / "f")
+    assert frozen["precision"]["extraction"] == "bf16-mixed"
+    assert frozen["test"]["acc"] > 0.3, "3 shots of real digits on bf16 features still beat chance (0.1)"

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.backbone import FeatureMapExtractor, parse_levels, split_level, to_channels_last
+from fmtransfer.bench.fast_path import fast_path_figures
 from fmtransfer.bench.measure import (
     PredecodedImages,
     bytes_per_image,
@@ -53,6 +54,21 @@ def start_context(cfg: DictConfig, run_dir: Path):
     return start_run(cfg, run_dir, instantiate_training(cfg))
 
 
+def cpu_fast_path(cfg: DictConfig, out_dir: Path, cache_dir: Path, device: torch.device) -> dict:
+    """``fast_path.fast_path_figures`` on ``bench.fast_path.data`` (hymenoptera's JPEGs by default), or why not."""
+    f = cfg.bench.fast_path
+    if device.type != "cpu":
+        return {"skipped": f"the bench runs on {device.type}, not the CPU"}
+    if not Path(str(f.data)).is_dir():
+        return {"skipped": f"bench.fast_path.data={f.data} is not a folder (the shared datasets are absent)"}
+    data = {"data.path": str(f.data), "data.image_size": f.image_size, "data.shots_per_class": None}
+    fast_cfg = run_config(cfg, cache_dir / "fast", **data)
+    ctx = start_context(fast_cfg, out_dir / "fast-path")
+    model, _ = ctx.spec.create()
+    print(f"[bench] CPU fast path: {f.data} at {ctx.data_config['input_size'][-1]} px")
+    return fast_path_figures(ctx, model, cache_dir / "fast", f.train_steps, f.train_batch_size)
+
+
 def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     """Measure everything, write ``bench.json`` into ``out_dir`` and return it."""
     b = cfg.bench
@@ -76,7 +92,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     loader = eval_loader(ctx, "train", batch, pin_memory=device.type == "cuda")
     forward_ips, extract_ips, entry = 0.0, 0.0, None
     for attempt in range(b.rounds):
-        forward_ips = max(forward_ips, forward_images_per_second(model, loader, device, cfg.trainer.precision))
+        forward_ips = max(forward_ips, forward_images_per_second(model, loader, device, ctx.tools.precision.extraction))
         folder = cache_dir / f"extract{attempt}"
         ips, entry = extraction_images_per_second(ctx, model, spec, folder, "train")
         extract_ips = max(extract_ips, ips)
@@ -95,7 +111,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     pre_forward_ips, pre_extract_ips = 0.0, 0.0
     for attempt in range(b.rounds):
         pre_forward_ips = max(
-            pre_forward_ips, forward_images_per_second(model, predecoded, device, cfg.trainer.precision)
+            pre_forward_ips, forward_images_per_second(model, predecoded, device, ctx.tools.precision.extraction)
         )
         folder = cache_dir / f"predecoded{attempt}"
         ips = predecoded_extraction_images_per_second(predecoded, extractor, spec, folder, ctx.tools.extraction_kwargs)
@@ -136,6 +152,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     read = read_and_memcpy_gbps(entry, b.repeats)
     sizes = bytes_per_image(model, ctx.spec.levels, image_size, cfg.cache.pool_size)
 
+    # 6. The CPU fast path on a photo dataset's JPEGs at the backbone's own size.
+    fast_path = cpu_fast_path(cfg, out_dir, cache_dir, device)
+
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     speedup = live["train_seconds"] / cached_seconds
     partial_ratio = partial["live"]["seconds_per_epoch"] / partial["cached"]["seconds_per_epoch"]
@@ -150,6 +169,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         # Without targets: what the GPU-minded defaults (channels_last=auto, resident batches) buy on this device.
         "extract_nhwc_over_nchw": round(layouts["nhwc"] / layouts["nchw"], 3),
         "resident_over_dataloader": round(through_loader["seconds_per_epoch"] / cached["seconds_per_epoch"], 3),
+        "cpu_fast_path": fast_path,
         "targets": {
             "extract_over_forward": 0.9,
             "extract_over_forward_predecoded": 0.9,
@@ -195,7 +215,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
             "batch_size": batch,
             "split_sizes": ctx.data.sizes(),
             "cache": {"dtype": cfg.cache.dtype, "pool": cfg.cache.pool, "levels": [lv.name for lv in levels]},
-            "precision": cfg.trainer.precision,
+            "precision": dataclasses.asdict(ctx.tools.precision),
         },
         "device": device_name,
         "environment": describe_environment(Path(__file__).resolve().parents[3]),
@@ -231,6 +251,28 @@ def bench_table(result: dict) -> str:
         f"cache read {t['read']['read_gb_per_s']:.2f} GB/s vs memcpy {t['read']['memcpy_gb_per_s']:.2f} GB/s",
         "bytes per image: "
         + "; ".join(f"{k} {sum(v.values()):,} (all levels)" for k, v in result["bytes_per_image"].items()),
+        *fast_path_lines(result.get("cpu_fast_path", {})),
         f"device: {result['device']}",
     ]
     return "\n".join(lines)
+
+
+def fast_path_lines(fast: dict) -> list[str]:
+    """The CPU fast-path rows of the table: each mode's throughputs and ratios to NCHW fp32, or why not measured."""
+    if "modes" not in fast:
+        return [f"CPU fast path: not measured ({fast.get('skipped', 'no result')})"] if fast else []
+    lines = [f"CPU fast path on {fast['dataset']} at {fast['image_size'][-1]} px ({fast['images']} images):"]
+    for name, m in fast["modes"].items():
+        r = fast["ratios"].get(name, {})
+        lines.append(
+            f"  {name}: forward (pre-decoded) {m['forward_predecoded_images_per_s']} img/s"
+            f"{_ratio(r, 'forward_predecoded')}, extraction from JPEGs {m['extract_jpeg_images_per_s']} img/s"
+            f"{_ratio(r, 'extract_jpeg')}, training step {m['train_step_images_per_s']} img/s{_ratio(r, 'train_step')}"
+        )
+    lines += [f"  {name}: skipped, {why}" for name, why in fast["skipped"].items()]
+    return lines
+
+
+def _ratio(ratios: dict, key: str) -> str:
+    value = ratios.get(f"{key}_over_nchw_fp32")
+    return f" ({value}x NCHW fp32)" if value is not None else ""

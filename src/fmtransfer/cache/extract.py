@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytorch_lightning as pl
+import timm
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
@@ -110,9 +111,13 @@ def cache_parts(
     split_name: str,
     split_hash: str,
     spec: CacheSpec,
+    precision: str = "32-true",
 ) -> dict:
-    """Everything that changes the cached features, as the fingerprint's parts (also stored in the manifest)."""
+    """Everything that changes the cached features, as the fingerprint's parts (also stored in the manifest):
+    a bf16 extraction's maps differ from an fp32 one's, and a timm release may change a model's layers."""
     return {
+        "precision": str(precision),
+        "timm": timm.__version__,
         "backbone": backbone_name,
         "weights_checksum": weights_checksum,
         "levels": [lv.name for lv in spec.levels],
@@ -150,17 +155,23 @@ def ensure_feature_cache(
     the split into a shard and rank 0 merges the shards into the same entry a single process would write.
     ``channels_last`` runs the backbone in NHWC layout and ``pin_memory`` pins the image batches (both for GPUs).
     """
+    trainer_kwargs = {"devices": 1, "precision": "32-true", **(trainer_kwargs or {})}
     parts = cache_parts(
-        backbone_name, weights_checksum, data_config, repr(transform), split_name, split_fingerprint(split), spec
+        backbone_name,
+        weights_checksum,
+        data_config,
+        repr(transform),
+        split_name,
+        split_fingerprint(split),
+        spec,
+        trainer_kwargs["precision"],
     )
     names = [lv.name for lv in spec.levels]
     found = cache.find(backbone_name, split_name, parts, names)
     if found is not None:
         return CacheResult(found, hit=True, extract_seconds=0.0)
     key = fingerprint_key(parts)
-    trainer = pl.Trainer(
-        **{"devices": 1, **(trainer_kwargs or {})}, logger=False, enable_checkpointing=False, enable_model_summary=False
-    )
+    trainer = pl.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False)
     distributed = trainer.world_size > 1
     # Under DDP only rank 0 takes the entry's lock: the other ranks are its own workers (they start when it first
     # predicts), so they must not wait on it.

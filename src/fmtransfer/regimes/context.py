@@ -118,6 +118,8 @@ class RunContext:
             "best_checkpoint": results["best_checkpoint"],
             "selected": results["selected"],
             "device": results["device"],
+            "precision": {"training": results["precision"], "extraction": self.tools.precision.extraction},
+            "channels_last": self.tools.placement.channels_last,
         }
         if rank_zero_only.rank == 0:  # under DDP every rank has the same (synchronised) numbers
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -66,7 +66,8 @@ class BackboneTraining:
             max_epochs=epochs,
             features=features,
         )
-        return fit_select_test(ctx.tools.fit_trainer(epochs, callbacks), module, datamodule, ctx.seed)
+        trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True)
+        return fit_select_test(trainer, module, datamodule, ctx.seed)
 
 
 def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearProbeHead:

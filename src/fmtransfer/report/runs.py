@@ -33,6 +33,8 @@ RUN_FIELDS = (
     "test_confusion",
     "device",
     "selected",
+    "precision",
+    "channels_last",
 )
 
 

@@ -9,7 +9,14 @@ from fmtransfer.training.callbacks import EpochTimer, PeakMemory, release_free_m
 from fmtransfer.training.datamodules import CachedFeatureDataModule, ImageDataModule
 from fmtransfer.training.fit import epochs_for, fit_select_test, reseed, validation_interval
 from fmtransfer.training.instantiate import TrainingTools, instantiate_training
-from fmtransfer.training.placement import Placement, feature_batches, resolve_placement
+from fmtransfer.training.placement import (
+    Placement,
+    Precision,
+    cpu_has_native_bf16,
+    feature_batches,
+    resolve_placement,
+    resolve_precision,
+)
 
 __all__ = [
     "CachedFeatureDataModule",
@@ -17,7 +24,9 @@ __all__ = [
     "ImageDataModule",
     "PeakMemory",
     "Placement",
+    "Precision",
     "TrainingTools",
+    "cpu_has_native_bf16",
     "epochs_for",
     "feature_batches",
     "fit_select_test",
@@ -25,5 +34,6 @@ __all__ = [
     "release_free_memory",
     "reseed",
     "resolve_placement",
+    "resolve_precision",
     "validation_interval",
 ]

@@ -129,4 +129,5 @@ def fit_select_test(
         "peak_memory_bytes": int(memory.peak_bytes) if memory is not None else None,
         "peak_memory_kind": memory.kind if memory is not None else None,
         "device": str(trainer.strategy.root_device),
+        "precision": str(trainer.precision),
     }

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.training.fit import validation_interval
-from fmtransfer.training.placement import Placement, resolve_placement
+from fmtransfer.training.placement import Placement, Precision, resolve_placement, resolve_precision
 
 # ``trainer.*`` keys that are fmtransfer's, not the Trainer's (see configs/trainer/default.yaml).
 RUN_SETTINGS = ("progress_bar", "checkpoint_every_s", "validations_per_run", "channels_last", "resident_data_mb")
@@ -27,13 +27,18 @@ class TrainingTools:
     make_callbacks: Callable[[], list[pl.Callback]]
     make_loggers: Callable[[], list]
     placement: Placement
+    precision: Precision
     extraction_kwargs: dict  # Trainer arguments for extraction (Trainer.predict): devices, precision, progress bar
     validations_per_run: int
     seed: int
 
-    def fit_trainer(self, epochs: int, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
-        """A Trainer for one fit of ``epochs`` epochs: fresh callbacks and loggers from config, plus ``callbacks``."""
+    def fit_trainer(
+        self, epochs: int, callbacks: Sequence[pl.Callback] = (), trains_backbone: bool = False
+    ) -> pl.Trainer:
+        """A Trainer for one fit of ``epochs`` epochs: fresh callbacks and loggers from config, plus ``callbacks``;
+        in the backbone's precision when the fit trains (part of) a backbone, else in the heads'."""
         return self.make_trainer(
+            precision=self.precision.backbone if trains_backbone else self.precision.head,
             max_epochs=epochs,
             check_val_every_n_epoch=validation_interval(epochs, self.validations_per_run),
             callbacks=[*self.make_callbacks(), *callbacks],
@@ -54,13 +59,16 @@ def instantiate_training(cfg: DictConfig) -> TrainingTools:
     trainer_cfg = OmegaConf.masked_copy(t, [k for k in t if k not in RUN_SETTINGS])
     devices = OmegaConf.to_container(t.devices) if OmegaConf.is_list(t.devices) else t.devices
     placement = resolve_placement(t.accelerator, devices, t.num_nodes, t.channels_last, t.resident_data_mb)
+    precision = resolve_precision(str(t.precision), placement.cuda)
     return TrainingTools(
         make_trainer=hydra.utils.instantiate(trainer_cfg, _partial_=True),
         make_callbacks=lambda: _instantiate_all(cfg.get("callbacks")),
         make_loggers=lambda: _instantiate_all(cfg.get("logger")),
         placement=placement,
+        precision=precision,
         extraction_kwargs={
             **{k: OmegaConf.to_container(t[k]) if OmegaConf.is_list(t[k]) else t[k] for k in DEVICE_SETTINGS},
+            "precision": precision.extraction,
             "enable_progress_bar": t.progress_bar,
         },
         validations_per_run=t.validations_per_run,

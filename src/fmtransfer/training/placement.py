@@ -1,6 +1,7 @@
-"""Where a run's tensors live: the training device, small in-memory datasets moved onto it once, pinned memory for
-the rest, channels-last convolutions on GPUs. ``resolve_placement`` decides it once per run, from plain values
-(with the CUDA check injectable, so GPU decisions are tested on a CPU)."""
+"""Where a run's tensors live and in which precision: the training device, small in-memory datasets moved onto it
+once, pinned memory for the rest, channels-last convolutions, bf16 autocast where the hardware runs it natively.
+``resolve_placement`` and ``resolve_precision`` decide once per run, from plain values (with the hardware checks
+injectable, so GPU and bf16 decisions are tested on any machine)."""
 
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ def resolve_placement(
     cuda_available: bool | None = None,
 ) -> Placement:
     """The placement of a run with these Trainer settings (``trainer.*``); ``cuda_available`` defaults to asking
-    torch. ``channels_last``: ``auto`` (on CUDA GPUs, where NHWC convolutions use tensor cores), true or false."""
+    torch. ``channels_last``: true, false or ``auto``: on CUDA GPUs (tensor-core convolutions) and on the CPU, where
+    oneDNN's NHWC kernels measured faster too (lite0 at 224 px, 2 cores: forward 1.6x on AVX2 and 1.6-1.9x on
+    AVX512 EPYCs, training step 1.4x on AVX2); off on other accelerators."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     cuda = cuda_available and accelerator in ("gpu", "cuda", "auto")
     if channels_last == "auto":
-        channels_last = cuda
+        channels_last = cuda or accelerator in ("cpu", "auto")
     elif not isinstance(channels_last, bool):
         raise ConfigError(f"trainer.channels_last={channels_last!r} must be auto, true or false.")
     if isinstance(resident_data_mb, bool) or not isinstance(resident_data_mb, (int, float)) or resident_data_mb < 0:
@@ -54,6 +57,36 @@ def resolve_placement(
     return Placement(
         _single_device(accelerator, devices, num_nodes, cuda), cuda, channels_last, int(resident_data_mb * MiB)
     )
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Lightning precision per kind of work: ``extraction`` (the frozen backbone's forward), ``backbone`` (training
+    that runs a trainable backbone part: partial, finetune, scratch) and ``head`` (a head on cached features)."""
+
+    extraction: str
+    backbone: str
+    head: str
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (e.g. an AVX2-only laptop) oneDNN
+    emulates bf16, slower than fp32, so ``auto`` keeps fp32 there."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str, cuda: bool, native_bf16: bool | None = None) -> Precision:
+    """``trainer.precision``: a Lightning precision (``32-true``, ``bf16-mixed``, ...) for everything, or ``auto``:
+    bf16-mixed autocast for extraction and backbone training where the device has native bf16 (a CUDA GPU that
+    supports it, a CPU with AVX512-BF16/AMX), fp32 elsewhere and for heads (small layers, where bf16 buys nothing
+    and rounds the inputs). ``native_bf16`` defaults to asking the hardware."""
+    if precision != "auto":
+        return Precision(precision, precision, precision)
+    if native_bf16 is None:
+        native_bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+    fast = "bf16-mixed" if native_bf16 else "32-true"
+    return Precision(fast, fast, "32-true")
 
 
 def _single_device(accelerator: str, devices, num_nodes: int, cuda: bool) -> torch.device | None:
