@@ -32,11 +32,13 @@ cells = [
         "    cka_figure,\n"
         "    depth_figure,\n"
         "    embedding_figure,\n"
+        "    filters_figure,\n"
+        "    image_rows_figure,\n"
         "    saliency_figure,\n"
         "    statistics_figure,\n"
         ")\n"
-        "from fmtransfer.cli.config import compose_config\n"
-        "from fmtransfer.cli.common import quiet_libraries\n\n\n"
+        "from fmtransfer.cli.common import quiet_libraries\n"
+        "from fmtransfer.cli.config import compose_config\n\n\n"
         "def show(fig):\n"
         "    display(fig)\n"
         "    plt.close(fig)  # shown once, not again when the cell ends\n\n"
@@ -101,6 +103,49 @@ cells = [
         "keep = np.random.default_rng(0).permutation(len(val.labels))[: a.max_points]\n"
         'points = {n: embed_2d(val.features[n].numpy()[keep], "pca") for n in names}\n'
         'show(embedding_figure(points, val.labels.numpy()[keep], an.ctx.data.class_names, "pca"))'
+    ),
+    md(
+        "## Full-resolution feature maps\n\nThe maps of one natural photo at every level, at the level's own "
+        "resolution (the cache stores them pooled). Early levels respond to edges and colours at each position; "
+        "deeper ones to textures and parts, on ever coarser grids."
+    ),
+    code(
+        "from fmtransfer.analysis import pictures as P\n\n"
+        "model = an.ctx.spec.create()[0].eval()\n"
+        "photo, maps, caption = P.photo_maps(an, model)\n"
+        'display(Markdown(f"Photo: {caption}"))\n'
+        "for name, m in maps.items():\n"
+        '    show(activation_grid(m, photo, 12, f"{name}: {m.shape[0]} channels at {m.shape[1]}x{m.shape[2]}"))'
+    ),
+    md(
+        "## First-layer filters\n\nThe first convolution's filters as colour patches: the oriented edge, colour "
+        "blob and colour-opponent detectors every ImageNet network learns first."
+    ),
+    code(
+        "from fmtransfer.analysis.visualise import first_layer_filters\n\n"
+        "show(filters_figure(first_layer_filters(model)))"
+    ),
+    md(
+        "## Activation maximisation\n\nFor the most active channels of a few levels (on the training split), an "
+        "input optimised to drive that channel up (gradient ascent on the pixels with jitter, scaling and blur as "
+        "regularisers, the backbone frozen). What a channel *wants* to see, not what a dataset image shows."
+    ),
+    code(
+        "levels = [n for n in a.max_levels if n in spatial]\n"
+        "rows, titles = P.maximisation_rows(an, model, levels, a.max_channels, a.max_size, a.max_steps, seed=0)\n"
+        'show(image_rows_figure(rows, titles, f"activation maximisation ({a.max_size} px, {a.max_steps} steps)"))'
+    ),
+    md(
+        "## Top-activating patches\n\nFor a few channels, the training images in which they fire most, cropped "
+        "around the peak at the level's measured receptive field (Zeiler & Fergus). Read from the cache when it "
+        "stores the level at full resolution, else from one live pass over the split; the caption says which."
+    ),
+    code(
+        "for level in [n for n in a.patch_levels if n in spatial]:\n"
+        "    channels = P.most_active_channels(an, level, a.patch_channels)\n"
+        "    rows, titles, source = P.patch_rows(an, model, level, channels, a.patch_k)\n"
+        '    display(Markdown(f"**{level}**: maps from {source}"))\n'
+        '    show(image_rows_figure(rows, titles, f"top-activating patches at {level}"))'
     ),
     md(
         "## Where a classifier on these features looks\n\nGrad-CAM at a deep level and occlusion sensitivity, for a "

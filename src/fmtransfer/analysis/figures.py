@@ -110,3 +110,35 @@ def saliency_figure(image: np.ndarray, cam: np.ndarray, occlusion: np.ndarray, t
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def image_rows_figure(rows: Mapping[str, np.ndarray], titles: Mapping[str, Sequence[str]] | None = None, title=""):
+    """One row of small RGB images (``[N, H, W, 3]`` in [0, 1]) per key, the key as the row's label: activation
+    maximisation per level, top-activating patches per channel."""
+    cols = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.5 * cols + 0.6, 1.6 * len(rows) + 0.4), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(np.clip(images[c], 0, 1))
+                if titles and name in titles:
+                    ax.set_title(titles[name][c], fontsize=7)
+        axes[r, 0].text(-0.1, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def filters_figure(filters: np.ndarray, title: str = "first-layer filters"):
+    """Colour patches of the first convolution's filters (``[N, k, k, 3]``), shown enlarged without smoothing."""
+    cols = int(np.ceil(np.sqrt(len(filters))))
+    rows = int(np.ceil(len(filters) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(0.8 * cols, 0.8 * rows + 0.4), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(filters):
+            ax.imshow(filters[k], interpolation="nearest")
+    fig.suptitle(title, fontsize=9)
+    return fig
