@@ -89,8 +89,9 @@ def patch_rows(
         maps, source = np.asarray(cached.level(level))[:, list(channels)], "the cache (stored at full resolution)"
     else:
         maps, source = split_maps(an, model, level, channels, split), "a live pass (the cache holds pooled maps)"
-    rf = receptive_fields(model, {level: info.index}, input_size=max(size))[level]
-    rf = int(rf) if isinstance(rf, int) else max(size)
+    measured = receptive_fields(model, {level: info.index}, input_size=max(size))[level]
+    # A field as large as the input (">=N"), or one the measurement could not see (0), is shown whole.
+    rf = measured if isinstance(measured, int) and 0 < measured < max(size) else max(size)
     rows, titles = {}, {}
     for j, channel in enumerate(channels):
         patches = top_activating_patches(maps, j, k, rf, size)
@@ -101,4 +102,8 @@ def patch_rows(
             crops.append(F.interpolate(crop, size=(PATCH_PX, PATCH_PX), mode="bilinear")[0].permute(1, 2, 0).numpy())
         rows[f"{level} ch {channel}"] = np.stack(crops)
         titles[f"{level} ch {channel}"] = [f"#{p.index}: {p.activation:.2f}" for p in patches]
-    return rows, titles, f"{source}; receptive field {rf} px"
+    if rf == measured:
+        field = f"receptive field {rf} px"
+    else:
+        field = "whole image (" + (f"receptive field {measured} px" if measured else "field not measurable") + ")"
+    return rows, titles, f"{source}; patches: {field}"

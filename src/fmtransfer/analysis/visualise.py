@@ -37,7 +37,7 @@ def maximise_channels(
     std: Sequence[float],
     size: int = 96,
     steps: int = 96,
-    lr: float = 0.05,
+    lr: float = 0.1,
     seed: int = 0,
 ) -> np.ndarray:
     """Input images (``[len(channels), size, size, 3]`` in [0, 1]) that maximise each channel's mean activation at
