@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from fmtransfer.analysis.run import Analysis, input_image
 from fmtransfer.analysis.statistics import receptive_fields
 from fmtransfer.analysis.visualise import level_maps, maximise_channels, top_activating_patches
-from fmtransfer.backbone import LevelInfo, build_eval_transform
+from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, LevelInfo, build_eval_transform
 from fmtransfer.data import ImageClassificationDataset, to_rgb
 
 PATCH_PX = 64  # every patch is shown at this size, whatever its receptive field
@@ -65,8 +65,6 @@ def maximisation_rows(
 
 def split_maps(an: Analysis, model: torch.nn.Module, level: str, channels: Sequence[int], split: str) -> np.ndarray:
     """``[N, len(channels), h, w]``: the chosen channels of ``level`` over ``split`` at full resolution (live)."""
-    from fmtransfer.backbone import FeatureMapExtractor, FrozenModule
-
     extractor = FrozenModule(FeatureMapExtractor(model, [level_info(an, level)]))
     dataset = ImageClassificationDataset(an.ctx.data.splits[split], build_eval_transform(an.ctx.data_config))
     out = []

@@ -56,6 +56,7 @@ class PartialRegime(BackboneTraining):
             prefix = LivePrefix(FeatureMapExtractor(copy.deepcopy(model), [level]), level.name)
             features = nn.Sequential(prefix, PreLogitsOf(suffix))
             datamodule = image_datamodule(ctx, self.batch_size, augment=True)
+            extract_seconds = 0.0
         else:
             features = PreLogitsOf(suffix)
             datamodule = CachedFeatureDataModule(
@@ -67,7 +68,7 @@ class PartialRegime(BackboneTraining):
                 drop_last_train=True,
             )
             datamodule.setup("fit")  # extract (or find) the prefix output before training is timed
+            extract_seconds = sum(c.extract_seconds for c in datamodule.caches.values())
         results = self.fit(ctx, head, features, datamodule, callbacks)
-        extract_seconds = sum(c.extract_seconds for c in getattr(datamodule, "caches", {}).values())
         split = {"split_level": level.name, "split_module": level.module, "prefix_extract_seconds": extract_seconds}
         return ctx.metrics(self.name, results, regime_config=self.settings(), partial=split)
