@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv train compare bench analyze notebook test lint format clean-cache clean
+.PHONY: help venv train compare bench gpu-report analyze notebook test lint format clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -33,6 +33,17 @@ compare: $(STAMP)  ## frozen vs partial vs finetune vs scratch over seeds and sh
 
 bench: $(STAMP)  ## cache vs no-cache speed, side by side -> bench.json (see docs/benchmarks.md); ARGS="trainer=gpu ..."
 	$(PY) -m fmtransfer.cli.bench $(ARGS)
+
+STAGE ?= plan
+FILE ?=
+DEVICE_STAGES := bench hymenoptera uiuc_texture pneumoniamnist all
+# Device stages run on the lent GPU machine, whose Python already has torch: no virtualenv there.
+gpu-report: $(if $(filter $(STAGE),$(DEVICE_STAGES)),,$(STAMP))  ## GPU report kit: STAGE=plan|pack|rehearse|unpack FILE=<archive> here; device stages via STAGE=plan
+ifneq ($(filter $(STAGE),$(DEVICE_STAGES)),)
+	bash scripts/gpu-stage $(STAGE)
+else
+	$(PY) -m fmtransfer.cli.gpu_report $(STAGE) $(if $(FILE),--file $(FILE)) $(if $(DATASETS),--datasets $(DATASETS))
+endif
 
 analyze: $(STAMP)  ## figures + analysis.md of the cache make train built (same ARGS as make train)
 	$(PY) -m fmtransfer.cli.analyze $(ARGS)

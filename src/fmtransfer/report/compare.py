@@ -31,7 +31,7 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
         f"[compare] {cfg.compare.name}: {list(cfg.compare.regimes)} x seeds {list(cfg.compare.seeds)} x shots "
         f"{[shots_key(s) for s in cfg.compare.shots]}, preset {cfg.compare.preset} -> {report_dir}"
     )
-    records = run_all(cfg, report_dir)
+    records, skipped = run_all(cfg, report_dir)
     summary = summarise_runs(records)
     results = {
         "name": cfg.compare.name,
@@ -42,6 +42,7 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
         "frozen_head": cfg.head.name,
         "class_names": json.loads((Path(records[0]["run_dir"]) / "metrics.json").read_text())["class_names"],
         "runs": records,
+        "not_run": skipped,
         "summary": summary,
         "verdict": verdict(summary),
         "transfer_by_depth": depth_curve(records),

@@ -24,7 +24,8 @@ def git_commit(root: Path) -> str:
         ).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (the GPU kit's device machine) is told its commit by whoever copied it.
+        return os.environ.get("FMTRANSFER_COMMIT", "unknown")
 
 
 def describe_environment(root: Path) -> dict:

@@ -173,6 +173,14 @@ def _md_inline(text: str) -> str:
     )
 
 
+def not_run_text(not_run: list[dict]) -> str:
+    """Which planned runs the time budget (``compare.time_budget_s``) left out, so a shorter table is explained."""
+    if not not_run:
+        return ""
+    runs = ", ".join(f"{r['regime']} (shots {r['shots_per_class']}, seed {r['seed']})" for r in not_run)
+    return f" **Not run** ({len(not_run)} planned runs, compare.time_budget_s spent): {runs}."
+
+
 def sections(results: dict) -> list[tuple[str, str]]:
     """(title, markdown body) pairs shared by both renderings (tables are added per format)."""
     env = results["environment"]
@@ -183,7 +191,7 @@ def sections(results: dict) -> list[tuple[str, str]]:
             f"`{results['frozen_head']}`), preset **{results['preset']}**: {results['preset_note']} "
             f"Same splits for every run (split seed fixed); seeds {sorted({r['seed'] for r in results['runs']})}. "
             f"Checkpoints are selected on the validation split; each run touches the test split once. "
-            f"Numbers are mean ± std [95% CI] over seeds.",
+            f"Numbers are mean ± std [95% CI] over seeds." + not_run_text(results.get("not_run", [])),
         ),
         ("Environment", ", ".join(f"{k}: {v}" for k, v in env.items())),
     ]

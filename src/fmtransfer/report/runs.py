@@ -76,10 +76,13 @@ def plan_runs(cfg: DictConfig) -> list[tuple[str, int, str]]:
     return [(r, s, shots_key(k)) for k in shots_order for s in c.seeds for r in c.regimes]
 
 
-def run_all(cfg: DictConfig, report_dir: Path) -> list[dict]:
-    """Run (or reuse) every planned run; returns their records in plan order."""
+def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Run (or reuse) every planned run; returns the records of those run, in plan order, and the planned runs not
+    started because ``compare.time_budget_s`` ran out (``{"regime", "seed", "shots_per_class"}`` each)."""
     plan = plan_runs(cfg)
-    records = []
+    budget = cfg.compare.get("time_budget_s")
+    started = time.perf_counter()
+    records, skipped, longest = [], [], 0.0
     for i, (regime, seed, shots) in enumerate(plan, 1):
         run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
         done = run_dir / "metrics.json"
@@ -87,15 +90,24 @@ def run_all(cfg: DictConfig, report_dir: Path) -> list[dict]:
         if done.is_file():
             print(f"{label}: done earlier, reusing {done}")
             metrics = json.loads(done.read_text())
+        elif budget is not None and time.perf_counter() - started + longest > budget:
+            # A run is started only if the longest run so far would still end within the budget.
+            print(f"{label}: not run (compare.time_budget_s={budget} would be exceeded)")
+            skipped.append({"regime": regime, "seed": seed, "shots_per_class": shots})
+            continue
         else:
             print(f"{label}: running")
             start = time.perf_counter()
             metrics = run_regime(run_config(cfg, regime, seed, shots), run_dir)
-            print(f"{label}: test acc {metrics['test']['acc']:.4f} in {time.perf_counter() - start:.0f} s")
+            seconds = time.perf_counter() - start
+            longest = max(longest, seconds)
+            print(f"{label}: test acc {metrics['test']['acc']:.4f} in {seconds:.0f} s")
         record = {k: metrics.get(k) for k in RUN_FIELDS}
         record.update(shots_per_class=shots, run_dir=str(run_dir))
         records.append(record)
-    return records
+    if not records:
+        raise ConfigError(f"compare.time_budget_s={budget}: the budget ran out before any run finished; raise it.")
+    return records, skipped
 
 
 def depth_curve(records: list[dict]) -> dict | None:

@@ -1,0 +1,74 @@
+"""The GPU report kit's stages, described by data: what each runs, what it carries, how long it is expected to take.
+
+A lent GPU machine has hard limits (read the device tool's README): minutes of device time per session, 10 minutes per
+command, a machine that stays warm 30 s after a call, 64 MiB carried per call, 8 files back. Each device stage is
+therefore one self-contained command that installs the carried wheels, reads its compact data and leaves one archive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KIT_DIR = ".gpu-kit"  # ignored by git; carried to the device machine
+WHEELS = "wheels"
+DATA = "data"
+CALL_LIMIT_MIB = 64  # the device tool's limit on what travels with one call (working tree + carried paths)
+DEADLINE_S = 540  # a device stage stops starting work after this many seconds (the call limit is 600)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A comparison a stage runs: ``make compare ARGS="experiment=<name> compare.preset=full"``."""
+
+    name: str
+    dataset: str  # folder under ../shared/datasets (and under the kit's data/)
+
+
+@dataclass(frozen=True)
+class DeviceStage:
+    """One device command: the bench and/or comparisons, in that order; ``parallel`` runs the comparisons together."""
+
+    name: str
+    bench: bool
+    experiments: tuple[Experiment, ...]
+    expected_minutes: float
+    parallel: bool = False
+    why: str = ""
+    datasets: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datasets", tuple(e.dataset for e in self.experiments))
+
+
+EXPERIMENTS = {name: Experiment(name, name) for name in ("hymenoptera", "uiuc_texture", "pneumoniamnist")}
+
+# Registry of device stages. Expected minutes are estimates on one H100/H200 until a run records them (docs/benchmarks.md).
+DEVICE_STAGES = {
+    "bench": DeviceStage(
+        "bench", True, (), 2.0, why="make bench at 224 px, bf16-mixed, NHWC, pinned memory, 8 workers"
+    ),
+    "hymenoptera": DeviceStage("hymenoptera", False, (EXPERIMENTS["hymenoptera"],), 5.0, why="full-preset comparison"),
+    "uiuc_texture": DeviceStage(
+        "uiuc_texture", False, (EXPERIMENTS["uiuc_texture"],), 6.0, why="full-preset comparison"
+    ),
+    "pneumoniamnist": DeviceStage(
+        "pneumoniamnist", False, (EXPERIMENTS["pneumoniamnist"],), 5.0, why="full-preset comparison"
+    ),
+    # With 15 minutes of device time, one machine start fits: everything in one call, the bench alone first (its
+    # timings are side by side), then the three comparisons at once (the GPU and 16 cores have room for all three).
+    "all": DeviceStage(
+        "all",
+        True,
+        tuple(EXPERIMENTS.values()),
+        9.0,
+        parallel=True,
+        why="bench, then the three comparisons at once: for sessions with one machine start",
+    ),
+}
+
+LOCAL_STAGES = ("plan", "pack", "unpack", "rehearse")
+
+
+def device_command(stage: str) -> str:
+    """The shell command to give the device tool's ``run`` for ``stage``."""
+    return f"bash scripts/gpu-stage {stage}"
