@@ -89,8 +89,10 @@ class FeatureMapWriter(BasePredictionWriter):
 def map_shapes(extractor: FeatureMapExtractor, spec: CacheSpec, image_size: tuple[int, int, int]) -> dict:
     """Per-sample shape of every cached level, from one dummy forward pass."""
     module = FeatureExtractionModule(extractor, spec)
+    # On the backbone's device: a model already moved to a GPU (the bench does) would reject a CPU probe.
+    device = next(extractor.parameters()).device
     with torch.no_grad():
-        out = module(torch.zeros(1, *image_size))
+        out = module(torch.zeros(1, *image_size, device=device))
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
 

@@ -151,8 +151,9 @@ def run_stage(
     shutil.rmtree(work, ignore_errors=True)  # a stage starts clean; the comparisons resume from their own run dirs
     work.mkdir(parents=True)
     kit_info = json.loads((kit / "kit.json").read_text()) if (kit / "kit.json").is_file() else {}
-    # The device's copy of the tree has no .git: reports name the commit the kit was packed at.
-    os.environ.setdefault("FMTRANSFER_COMMIT", str(kit_info.get("commit", "unknown")))
+    # The device's copy of the tree may have no .git, or a stale one: reports name the commit the kit was packed at.
+    if kit_info.get("commit"):
+        os.environ["FMTRANSFER_COMMIT"] = str(kit_info["commit"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     environment = describe_environment(root)
     print(f"[gpu-report] stage {stage.name} on {environment['device']}, deadline {deadline_s:.0f} s", flush=True)

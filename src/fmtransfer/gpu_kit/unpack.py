@@ -63,6 +63,18 @@ def lay_out_report(source: Path, dest: Path, job: dict) -> Path:
     return dest
 
 
+def correct_commit(folder: Path, manifest: dict) -> None:
+    """Archives from kits before FMTRANSFER_COMMIT won over git: the device's stale ``.git`` named another commit than
+    the one the kit was packed at (whose tree the device ran); name the packed one in every text file."""
+    packed, seen = manifest.get("kit", {}).get("commit"), manifest["environment"]["git_commit"]
+    if not packed or packed == seen:
+        return
+    for path in folder.rglob("*"):
+        if path.suffix in (".json", ".md", ".html", ".yaml", ".log"):
+            path.write_text(path.read_text().replace(seen, packed))
+    manifest["environment"]["git_commit"] = packed
+
+
 def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
 
@@ -86,6 +98,9 @@ def benchmark_section(manifest: dict, bench: dict | None, reports: dict[str, dic
         ),
         "",
     ]
+    if bench is None and "bench" in jobs:
+        job = jobs["bench"]
+        lines += [f"`make bench`: no figures (exit {job['returncode']} after {minutes(job['seconds'])}); its log is in the archive.", ""]
     if bench is not None:
         job = jobs["bench"]
         lines += [f'`make bench ARGS="{job["command"].split(" ", 1)[1]}"` ({minutes(job["seconds"])}):', ""]
@@ -140,6 +155,7 @@ def unpack(archive: Path, root: Path, dest: Path) -> dict:
     """Lay ``archive`` out under ``dest`` (the repository root, or a rehearsal's folder); returns what was written."""
     with tempfile.TemporaryDirectory(prefix="gpu-report-") as tmp:
         manifest = read_archive(archive, Path(tmp))
+        correct_commit(Path(tmp), manifest)
         slug = device_slug(manifest["environment"]["device"])
         reports: dict[str, dict] = {}
         written = []

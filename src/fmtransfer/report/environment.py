@@ -13,6 +13,10 @@ import torch
 
 
 def git_commit(root: Path) -> str:
+    """HEAD (``-dirty`` with uncommitted changes); ``FMTRANSFER_COMMIT`` wins: a copy of the tree (the GPU kit's device
+    machine) may carry no ``.git`` or a stale one, and whoever copied it knows the commit."""
+    if os.environ.get("FMTRANSFER_COMMIT"):
+        return os.environ["FMTRANSFER_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(
@@ -24,8 +28,7 @@ def git_commit(root: Path) -> str:
         ).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (the GPU kit's device machine) is told its commit by whoever copied it.
-        return os.environ.get("FMTRANSFER_COMMIT", "unknown")
+        return "unknown"
 
 
 def describe_environment(root: Path) -> dict:
