@@ -100,6 +100,34 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
     assert capsys.readouterr().out.count("done earlier") == 16
 
 
+def test_time_budget_skips_runs_and_the_report_says_which(comparison, capsys):
+    """compare.time_budget_s: no run starts once the budget (plus the longest run so far) is spent; the report is
+    written from the finished runs and names the others. Runs after the first test, so every run is done but one."""
+    overrides, _ = comparison
+    compare_main(overrides)
+    report_dir = __import__("pathlib").Path(
+        capsys.readouterr().out.strip().splitlines()[-1].removeprefix("report dir: ")
+    )
+    (report_dir / "runs" / "scratch-shots3-seed1" / "metrics.json").unlink()
+    compare_main([*overrides, "compare.time_budget_s=0"])
+    out = capsys.readouterr().out
+    assert "scratch, seed 1, shots 3: not run" in out and out.count("done earlier") == 15
+    results = json.loads((report_dir / "results.json").read_text())
+    assert results["not_run"] == [{"regime": "scratch", "seed": 1, "shots_per_class": "3"}]
+    assert len(results["runs"]) == 15
+    assert (
+        "Not run" in (report_dir / "report.md").read_text()
+        and "scratch (shots 3, seed 1)" in (report_dir / "report.md").read_text()
+    )
+
+
+def test_time_budget_spent_before_any_run_is_a_clear_error(comparison, capsys):
+    overrides, _ = comparison
+    with pytest.raises(SystemExit):
+        compare_main([*overrides, "compare.seeds=[5]", "compare.regimes=[frozen]", "compare.time_budget_s=0"])
+    assert "compare.time_budget_s=0" in capsys.readouterr().err
+
+
 def _row(val, test, seconds, params=1000):
     s = lambda v: summarise(v, bounds=(0.0, 1.0))  # noqa: E731
     return {

@@ -32,7 +32,7 @@ def plan_text() -> str:
     lines = [
         "GPU report kit: pack here, then each device stage as ONE call of the device tool's `run`, then unpack here.",
         "",
-        "here   make gpu-report STAGE=pack      wheels + compact datasets -> .gpu-kit/ (ignored; checks the 64 MiB limit)",
+        "here   make gpu-report STAGE=pack      wheels + compact datasets -> .gpu-kit/ (ignored; checks 64 MiB)",
     ]
     for stage in DEVICE_STAGES.values():
         carries = [f"{KIT_DIR}/kit.json", f"{KIT_DIR}/{WHEELS}", *(f"{KIT_DIR}/{DATA}/{d}" for d in stage.datasets)]

@@ -201,6 +201,7 @@ def pack(
     if total > CALL_LIMIT_MIB * 2**20:
         raise FmtransferError(
             f"pack: one call would carry {total / 2**20:.1f} MiB (kit {kit_bytes / 2**20:.1f} MiB + tracked files), "
-            f"over the device tool's {CALL_LIMIT_MIB} MiB; pack fewer datasets (DATASETS=...) and run them in separate calls."
+            f"over the device tool's {CALL_LIMIT_MIB} MiB; pack fewer datasets (DATASETS=...) and run them in "
+            "separate calls."
         )
     return manifest

@@ -2,8 +2,9 @@
 
 pack (a few images per class) -> the device stages through the same ``scripts/gpu-stage`` (wheels installed into a
 scratch site folder, the stage's archive left in an out folder) -> unpack into a temporary folder, whose layout is
-checked. The comparisons run with the full preset's settings, CPU instead of GPU and fp32 instead of bf16 (emulated
-bf16 is ~8x slower here; tests cover bf16-mixed on the CPU): channels-last and decoding workers run here too. Prints ``rehearsal: <folder>`` last.
+checked. The comparisons run with the full preset's settings, on the CPU instead of a GPU and in fp32 instead of bf16
+(emulated bf16 is ~8x slower here; tests cover bf16-mixed on the CPU): channels-last and decoding workers run here
+too. Prints ``rehearsal: <folder>`` last.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TINY_OVERRIDES = {
     **{
         name: [
             "compare.seeds=[0]",
-            "compare.shots=[2,all]",
+            "compare.shots=[all]",
             "data.image_size=32",
             "head.epochs=3",
             "head.min_steps=3",

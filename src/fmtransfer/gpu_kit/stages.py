@@ -42,7 +42,7 @@ class DeviceStage:
 
 EXPERIMENTS = {name: Experiment(name, name) for name in ("hymenoptera", "uiuc_texture", "pneumoniamnist")}
 
-# Registry of device stages. Expected minutes are estimates on one H100/H200 until a run records them (docs/benchmarks.md).
+# Registry of device stages. Expected minutes: estimates for one H100/H200 (measured runs: docs/benchmarks.md).
 DEVICE_STAGES = {
     "bench": DeviceStage(
         "bench", True, (), 2.0, why="make bench at 224 px, bf16-mixed, NHWC, pinned memory, 8 workers"

@@ -76,7 +76,7 @@ def correct_commit(folder: Path, manifest: dict) -> None:
 
 
 def minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
+    return f"{int(seconds // 60)} min {round(seconds % 60)} s"
 
 
 def benchmark_section(manifest: dict, bench: dict | None, reports: dict[str, dict]) -> str:
@@ -100,7 +100,11 @@ def benchmark_section(manifest: dict, bench: dict | None, reports: dict[str, dic
     ]
     if bench is None and "bench" in jobs:
         job = jobs["bench"]
-        lines += [f"`make bench`: no figures (exit {job['returncode']} after {minutes(job['seconds'])}); its log is in the archive.", ""]
+        lines += [
+            f"`make bench`: no figures (exit {job['returncode']} after {minutes(job['seconds'])}); "
+            "its log is in the archive.",
+            "",
+        ]
     if bench is not None:
         job = jobs["bench"]
         lines += [f'`make bench ARGS="{job["command"].split(" ", 1)[1]}"` ({minutes(job["seconds"])}):', ""]
@@ -132,7 +136,8 @@ def benchmark_section(manifest: dict, bench: dict | None, reports: dict[str, dic
     for name in failed:
         job = jobs[name]
         lines += [
-            f"`{name}`: no report (exit {job['returncode']}, timed out: {job['timed_out']}); its log is in the archive.",
+            f"`{name}`: no report (exit {job['returncode']}, timed out: {job['timed_out']}); "
+            "its log is in the archive.",
             "",
         ]
     return "\n".join(lines)
