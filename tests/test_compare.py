@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from fmtransfer.cli.compare import main as compare_main
@@ -76,15 +77,39 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
         regime_runs = [r for r in runs if r["regime"] == regime and r["shots_per_class"] == shots]
         # Test metrics then validation accuracy: summary cells in the table, summary means from the runs themselves.
         for cell, (split, metric) in zip(
-            cells[1:5], [("test", "acc"), ("test", "f1_macro"), ("test", "balanced_acc"), ("val", "acc")], strict=True
+            [*cells[1:4], cells[5]],
+            [("test", "acc"), ("test", "f1_macro"), ("test", "balanced_acc"), ("val", "acc")],
+            strict=True,
         ):
             s = by[shots][split][metric]
             assert cell == f"{s['mean']:.3f} ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
             assert s["mean"] == pytest.approx(sum(r[split][metric] for r in regime_runs) / len(regime_runs))
-        assert cells[5] == f"{by[shots]['trainable_params']:,}"
+        # The interval over test images, from the runs' per-image predictions: same mean as the runs' accuracy.
+        boot = by[shots]["test_bootstrap"]["acc"]
+        assert boot["mean"] == pytest.approx(by[shots]["test"]["acc"]["mean"])
+        assert cells[4] == f"{boot['mean']:.3f} [{boot['ci95'][0]:.3f}, {boot['ci95'][1]:.3f}]"
+        assert cells[6] == "216" and cells[7] == f"{by[shots]['trainable_params']:,}"
         kept = sum(r["selected"].startswith("initial") for r in regime_runs)
         assert by[shots]["kept_start"] == kept and cells[-1] == f"{kept}/2"
     assert results["verdict"]["winner"] in md.split("## Setup")[0]
+    # results.json contract: selection per run; verdict comparisons as a list with paired intervals.
+    for r in runs:
+        assert r["selection"]["metric"] == "acc" and r["selection"]["n_scored"] == 216
+        assert r["selection"]["score"] == r["val"]["acc"] and r["selection"]["settings"]
+    v = results["verdict"]
+    assert v["metric"] == "acc" and v["shots"] == "6" and v["winner"] in {"frozen", "partial", "finetune", "scratch"}
+    assert {c["regime"] for c in v["comparisons"]} == {"frozen", "partial", "finetune", "scratch"} - {v["winner"]}
+    for c in v["comparisons"]:
+        assert set(c) >= {"regime", "diff", "ci95", "p_value", "clear"}
+        assert c["clear"] == (not c["ci95"][0] <= 0 <= c["ci95"][1])
+    # Per-image predictions: one row per test image, same image order and labels in every run.
+    import csv
+
+    tables = [list(csv.DictReader(open(r["test_predictions"]))) for r in runs]
+    assert all(len(t) == 359 for t in tables)
+    assert all([row["label"] for row in t] == [row["label"] for row in tables[0]] for t in tables)
+    for r, t in zip(runs, tables, strict=True):
+        assert sum(row["label"] == row["pred"] for row in t) / 359 == pytest.approx(r["test"]["acc"], abs=1e-6)
     html = (report_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
     assert not re.search(r"src=['\"](?!data:)", html), "the HTML must be standalone"
@@ -128,31 +153,76 @@ def test_time_budget_spent_before_any_run_is_a_clear_error(comparison, capsys):
     assert "compare.time_budget_s=0" in capsys.readouterr().err
 
 
-def _row(val, test, seconds, params=1000):
+def _row(val, test, seconds, params=1000, n_val=50, kept=0):
     s = lambda v: summarise(v, bounds=(0.0, 1.0))  # noqa: E731
     return {
         "all": {
             "val": {"acc": s(val)},
             "test": {"acc": s(test)},
             "train_seconds": summarise(seconds),
+            "cost_seconds": sum(seconds) / len(seconds),
+            "n_scored": n_val,
             "trainable_params": params,
+            "seeds": [0, 1, 2],
+            "kept_start": kept,
         }
     }
 
 
-def test_verdict_selects_on_validation_and_computes_margins():
+def _preds(labels, n_wrong, seed):
+    """Per-seed predictions of a 2-class task with ``n_wrong`` images wrong (which ones varies by seed)."""
+    rng = np.random.default_rng(seed)
+    preds = labels.copy()
+    wrong = rng.choice(len(labels), n_wrong, replace=False)
+    preds[wrong] = 1 - preds[wrong]
+    return preds
+
+
+def test_verdict_one_standard_error_rule_and_paired_differences():
+    labels = np.array([0, 1] * 100)
     summary = {
+        # finetune has the best validation score, frozen is within one SE of it (50 images: SE ~0.036) and 100x
+        # cheaper: frozen wins. scratch is far below on validation and on test.
         "frozen": _row([0.90, 0.91, 0.92], [0.93, 0.94, 0.95], [1, 1, 1], 3000),
-        "finetune": _row([0.80, 0.82, 0.84], [0.96, 0.97, 0.98], [100, 100, 100], 4_000_000),
+        "finetune": _row([0.92, 0.93, 0.94], [0.955, 0.96, 0.965], [100, 100, 100], 4_000_000, kept=3),
         "scratch": _row([0.5, 0.52, 0.54], [0.50, 0.52, 0.54], [100, 100, 100], 4_000_000),
     }
+    preds = {
+        "frozen": np.stack([_preds(labels, 12, s) for s in range(3)]),
+        "finetune": np.stack([_preds(labels, 8, s + 10) for s in range(3)]),
+        "scratch": np.stack([_preds(labels, 96, s + 20) for s in range(3)]),
+    }
+    v = verdict(summary, "acc", {"labels": labels, "num_classes": 2, "preds": preds})
+    assert v["best_selection"] == "finetune" and v["winner"] == "frozen"
+    assert set(v["within_one_se"]) == {"frozen", "finetune"}
+    by = {c["regime"]: c for c in v["comparisons"]}
+    assert [c["regime"] for c in v["comparisons"]] == ["finetune", "scratch"]  # by test score
+    # 4 images of 200 between frozen and finetune: a paired interval that includes 0, so not clear.
+    assert by["finetune"]["diff"] == pytest.approx(-0.02) and by["finetune"]["ci95"][0] < 0 < by["finetune"]["ci95"][1]
+    assert by["finetune"]["clear"] is False and by["finetune"]["p_value"] > 0.05
+    assert by["scratch"]["clear"] is True and by["scratch"]["p_value"] < 0.001
+    assert by["finetune"]["cost_ratio"] == pytest.approx(100.0)
+    assert v["kept_start"] == ["finetune"] and v["cheaper"] == []
+    text = verdict_text(v, summary)
+    assert "within one standard error" in text and "Every finetune run kept its starting weights" in text
+    assert "not a clear difference" in text and "On the test split **finetune** scores highest" in text
+
+
+def test_verdict_without_predictions_never_calls_a_difference_clear():
+    summary = {"frozen": _row([0.9] * 3, [0.95] * 3, [1] * 3), "scratch": _row([0.5] * 3, [0.5] * 3, [9] * 3)}
     v = verdict(summary)
-    assert v["winner"] == "frozen"  # best validation, even though finetune scores higher on test
-    assert v["comparisons"]["scratch"]["delta_points"] == pytest.approx(42.0)
-    assert v["comparisons"]["scratch"]["intervals_overlap"] is False
-    assert v["comparisons"]["finetune"]["time_ratio"] == pytest.approx(100.0)
-    assert v["best_on_test"] == "finetune" and v["cheaper"] == []
-    assert "On the test split **finetune** scores highest" in verdict_text(v, summary)
+    assert v["winner"] == "frozen" and v["comparisons"][0]["ci95"] is None and v["comparisons"][0]["clear"] is False
+
+
+def test_cheaper_lists_only_regimes_below_the_winner_on_selection():
+    summary = {
+        "frozen": _row([0.7] * 3, [0.7] * 3, [1] * 3, n_val=1000),
+        "finetune": _row([0.9] * 3, [0.9] * 3, [9] * 3),
+    }
+    v = verdict(summary)
+    assert v["winner"] == "finetune"
+    assert v["cheaper"] == [{"regime": "frozen", "cost_ratio": pytest.approx(1 / 9), "score_gap": pytest.approx(0.2)}]
+    assert "frozen (-20.0 points)" in verdict_text(v, summary)
 
 
 def test_summary_statistics():
@@ -172,3 +242,9 @@ def test_without_a_gpu_the_cpu_preset_is_chosen_and_said(capsys):
     assert cfg.compare.preset == "cpu" and "CPU preset" in cfg.compare.preset_note
     assert "using the CPU preset" in capsys.readouterr().out
     assert resolve_preset(["compare.preset=full"]).trainer.precision == "bf16-mixed"
+
+
+def test_a_comparison_is_named_after_its_data():
+    assert resolve_preset([]).compare.name == "digits"
+    assert resolve_preset(["data.path=/data/my_cells/"]).compare.name == "my_cells"
+    assert resolve_preset(["experiment=hymenoptera"]).compare.name == "hymenoptera"

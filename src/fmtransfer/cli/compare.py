@@ -30,7 +30,15 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
         )
     final = compose_config([*cfg.compare.presets[preset], f"compare.preset={preset}", *overrides], name="compare")
     final.compare.preset_note = str(final.compare.preset_notes[preset])
+    if final.compare.name is None:
+        final.compare.name = dataset_name(str(final.data.path))
     return final
+
+
+def dataset_name(path: str) -> str:
+    """A comparison's name when no experiment names it: ``sklearn:digits`` -> digits, ``/data/my_cells/`` ->
+    my_cells, ``owner/name`` (hub) -> name."""
+    return path.split(":", 1)[1] if path.startswith("sklearn:") else Path(path.rstrip("/")).name or "dataset"
 
 
 def main(argv: list[str] | None = None) -> None:

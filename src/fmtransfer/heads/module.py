@@ -43,6 +43,9 @@ class HeadClassifier(pl.LightningModule):
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion_metric = MulticlassConfusionMatrix(num_classes)
         self.test_confusion: list[list[int]] | None = None
+        # Per-image test outputs, in test-split order (single process): {"label": (n,), "prob": (n, classes)}.
+        self.test_predictions: dict[str, torch.Tensor] | None = None
+        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, inputs) -> torch.Tensor:
         return self.head(self.features(inputs) if self.features is not None else inputs)
@@ -68,10 +71,20 @@ class HeadClassifier(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         logits = self._eval_step(batch, self.test_metrics, "test/loss")
         self.test_confusion_metric.update(logits, batch[1])
+        self._test_outputs.append((batch[1].detach().cpu(), logits.detach().float().softmax(-1).cpu()))
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = []
 
     def on_test_epoch_end(self) -> None:
         self.test_confusion = self.test_confusion_metric.compute().tolist()
         self.test_confusion_metric.reset()
+        # Under DDP each process saw an interleaved share of the test split: no per-image file then (the paired
+        # statistics of make compare need one process; the metrics above are reduced across processes as usual).
+        outputs, self._test_outputs = self._test_outputs, []
+        if self.trainer.world_size == 1 and outputs:
+            labels, probs = zip(*outputs, strict=True)
+            self.test_predictions = {"label": torch.cat(labels), "prob": torch.cat(probs)}
 
     def _eval_step(self, batch, metrics, loss_name: str) -> torch.Tensor:
         logits, labels, loss = self._loss(batch)

@@ -3,6 +3,7 @@ feature cache; and the ``metrics.json`` every run ends with."""
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -122,8 +123,31 @@ class RunContext:
             "channels_last": self.tools.placement.channels_last,
         }
         if rank_zero_only.rank == 0:  # under DDP every rank has the same (synchronised) numbers
+            predictions = results.get("test_predictions")
+            if predictions is not None:
+                write_test_predictions(self.run_dir / PREDICTIONS_FILE, predictions, self.data.class_names)
+                metrics["test_predictions"] = PREDICTIONS_FILE
+            # Last: a run dir with metrics.json is complete (make compare reuses it).
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
+
+
+PREDICTIONS_FILE = "test_predictions.csv"
+
+
+def write_test_predictions(path: Path, predictions: dict, class_names: list[str]) -> None:
+    """``index,label,pred,prob_<class>...``: one row per test image, index = position in the test split (the same
+    order for every run that shares the splits), label and pred as class names."""
+    labels = predictions["label"].tolist()
+    probs = predictions["prob"]
+    preds = probs.argmax(-1).tolist()
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "label", "pred", *(f"prob_{c}" for c in class_names)])
+        for i, (label, pred, row) in enumerate(zip(labels, preds, probs.tolist(), strict=True)):
+            writer.writerow([i, class_names[label], class_names[pred], *(f"{p:.6f}" for p in row)])
+    tmp.replace(path)
 
 
 def start_run(

@@ -5,19 +5,59 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from fmtransfer.errors import ConfigError
 from fmtransfer.report.environment import describe_environment
+from fmtransfer.report.paired import bootstrap_interval, read_predictions
 from fmtransfer.report.render import write_report
 from fmtransfer.report.runs import depth_curve, report_dir_for, run_all, shots_key
 from fmtransfer.report.stats import summarise_runs
-from fmtransfer.report.verdict import verdict
+from fmtransfer.report.verdict import headline_shots, paired_inputs, verdict
 
 
-def rewrite_report(report_dir: Path) -> None:
+def test_predictions(records: list[dict], class_names: list[str]) -> tuple[np.ndarray | None, dict]:
+    """``(labels, {regime: {shots: [per-seed preds]}})`` from the runs' ``test_predictions.csv`` (runs without one,
+    e.g. under DDP, are left out; labels are the same for every run, which is checked)."""
+    labels, preds = None, {}
+    for rec in records:
+        if not rec.get("test_predictions") or not Path(rec["test_predictions"]).is_file():
+            continue
+        run_labels, run_preds = read_predictions(Path(rec["test_predictions"]), class_names)
+        if labels is None:
+            labels = run_labels
+        elif not np.array_equal(labels, run_labels):
+            raise ConfigError(
+                f"{rec['test_predictions']}: its test labels differ from the other runs' (not the same split)"
+            )
+        preds.setdefault(rec["regime"], {}).setdefault(rec["shots_per_class"], []).append(run_preds)
+    return labels, preds
+
+
+def decide(results: dict, metric: str) -> None:
+    """Add bootstrap test intervals to ``results["summary"]`` and decide ``results["verdict"]`` (in place)."""
+    class_names = results["class_names"]
+    labels, preds = test_predictions(results["runs"], class_names)
+    summary = results["summary"]
+    for regime, by_shots in preds.items():
+        for shots, seeds in by_shots.items():
+            summary[regime][shots]["test_bootstrap"] = {
+                m: bootstrap_interval(m, labels, np.stack(seeds), len(class_names)) for m in sorted({"acc", metric})
+            }
+    shots = headline_shots(summary)
+    paired = (
+        paired_inputs(labels, len(class_names), {r: by.get(shots, []) for r, by in preds.items()})
+        if labels is not None
+        else None
+    )
+    results["verdict"] = verdict(summary, metric, paired)
+
+
+def rewrite_report(report_dir: Path, metric: str | None = None) -> None:
     """Recompute the verdict and re-render the report from an existing ``results.json`` (no run repeated)."""
     results = json.loads((report_dir / "results.json").read_text())
-    results["verdict"] = verdict(results["summary"])
+    decide(results, metric or results.get("verdict", {}).get("metric", "acc"))
     (report_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, report_dir)
 
@@ -32,7 +72,6 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
         f"{[shots_key(s) for s in cfg.compare.shots]}, preset {cfg.compare.preset} -> {report_dir}"
     )
     records, skipped = run_all(cfg, report_dir)
-    summary = summarise_runs(records)
     results = {
         "name": cfg.compare.name,
         "preset": cfg.compare.preset,
@@ -43,11 +82,11 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
         "class_names": json.loads((Path(records[0]["run_dir"]) / "metrics.json").read_text())["class_names"],
         "runs": records,
         "not_run": skipped,
-        "summary": summary,
-        "verdict": verdict(summary),
+        "summary": summarise_runs(records),
         "transfer_by_depth": depth_curve(records),
         "environment": describe_environment(root),
     }
+    decide(results, cfg.compare.metric)
     (report_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, report_dir)
     return report_dir

@@ -19,37 +19,62 @@ def time_ratio_text(ratio: float) -> str:
     return f"1/{1 / ratio:.0f} of the winner's time" if ratio > 0 else "no measurable time"
 
 
+def _interval(ci) -> str:
+    return f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci else "(no per-image predictions)"
+
+
 def verdict_text(verdict: dict, summary: dict) -> str:
     """The verdict (``report.verdict.verdict``) in words, with the numbers it rests on."""
-    shots, winner = verdict["shots"], verdict["winner"]
+    shots, winner, metric = verdict["shots"], verdict["winner"], verdict["metric"]
+    label = METRIC_LABELS[metric]
     rows = {r: by[shots] for r, by in summary.items() if shots in by}
-    w = rows[winner]
-    wt, wacc = w["train_seconds"]["mean"], w["test"]["acc"]
-    n = wacc["n"]
+    w, sel = rows[winner], verdict["selection"]
+    test = w.get("test_bootstrap", {}).get(metric) or w["test"][metric]
+    n = len(w["seeds"])
+    best = verdict["best_selection"]
+    why = (
+        f"the best validation {label}"
+        if best == winner
+        else (
+            f"the cheapest regime within one standard error of the best validation {label} ({best}: "
+            f"{sel[best]['score']:.3f} ± {sel[best]['se']:.3f})"
+        )
+    )
     lines = [
-        f"**{winner}** wins with {'all training images' if shots == 'all' else f'{shots} images per class'} "
-        f"(chosen on validation accuracy, mean of {n} seed{'s' if n > 1 else ''}): test accuracy "
-        f"{wacc['mean']:.3f} ± {wacc['std']:.3f} (95% CI {wacc['ci95'][0]:.3f}–{wacc['ci95'][1]:.3f}), "
-        f"{w['trainable_params']:,} trainable parameters, {wt:.1f} s of training."
+        f"**{winner}** wins with {'all training images' if shots == 'all' else f'{shots} images per class'}: {why}, "
+        f"{sel[winner]['score']:.3f} ± {sel[winner]['se']:.3f} on {sel[winner]['n_scored']} validation images "
+        f"(mean of {n} seed{'s' if n > 1 else ''}). Test {label} {test['mean']:.3f} (95% CI {test['ci95'][0]:.3f}–"
+        f"{test['ci95'][1]:.3f}, test images resampled, seeds averaged); {w['trainable_params']:,} trainable "
+        f"parameters, {verdict['cost_seconds'][winner]:.1f} s (training + feature extraction)."
     ]
-    for other, c in verdict["comparisons"].items():
-        o = rows[other]
-        oacc = o["test"]["acc"]
+    for c in verdict["comparisons"]:
+        other, o = c["regime"], rows[c["regime"]]
+        p = f", p = {c['p_value']:.3f}" if c["p_value"] is not None else ""
         lines.append(
-            f"- vs **{other}**: {c['delta_points']:+.1f} points ({oacc['mean']:.3f} ± {oacc['std']:.3f}; "
-            f"{'95% intervals overlap, so not a clear difference' if c['intervals_overlap'] else 'a clear difference'}"
-            f"); {other} trains {o['trainable_params']:,} parameters for {o['train_seconds']['mean']:.1f} s "
-            f"({time_ratio_text(c['time_ratio'])})."
+            f"- vs **{other}** ({o['test'][metric]['mean']:.3f} on test): {c['diff'] * 100:+.1f} points, paired 95% "
+            f"interval {_interval(c['ci95'])}{p}: {'a clear difference' if c['clear'] else 'not a clear difference'}; "
+            f"{other} trains {o['trainable_params']:,} parameters, "
+            f"{verdict['cost_seconds'][other]:.1f} s ({time_ratio_text(c['cost_ratio'])})."
+        )
+    for regime in verdict["kept_start"]:
+        probe = " (a linear probe on the frozen features)" if regime in ("partial", "finetune") else ""
+        lines.append(
+            f"Every {regime} run kept its starting weights (no epoch improved the validation loss): what {regime} "
+            f"reports is its start{probe}."
         )
     if verdict["best_on_test"] != winner:
         lines.append(
             f"On the test split **{verdict['best_on_test']}** scores highest; the winner is chosen on validation, as "
-            f"a user without test labels would."
+            f"a user without test labels would, and the paired intervals above say whether that gap is real."
         )
     if verdict["cheaper"]:
-        gaps = ", ".join(f"{r} ({-verdict['comparisons'][r]['delta_points']:+.1f})" for r in verdict["cheaper"])
-        lines.append(f"Cheaper than the winner and no more than 1 point below it on test: {gaps}.")
+        gaps = ", ".join(f"{c['regime']} ({-c['score_gap'] * 100:+.1f} points)" for c in verdict["cheaper"])
+        lines.append(f"Cheaper than the winner but more than one standard error below it on validation: {gaps}.")
     return "\n".join(lines)
+
+
+def fmt_interval(s: dict | None) -> str:
+    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s else "–"
 
 
 def fmt_summary(s: dict, digits: int = 3) -> str:
@@ -60,9 +85,12 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
     header = [
         "regime",
         *(f"test {METRIC_LABELS[m]}" for m in METRIC_LABELS),
+        "test accuracy, 95% CI over test images",
         "val accuracy",
+        "validation images",
         "trainable params",
         "train time (s)",
+        "cost (s)",
         "s / epoch",
         "epochs",
         "image size",
@@ -78,9 +106,12 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
             [
                 regime,
                 *(fmt_summary(s["test"][m]) for m in METRIC_LABELS),
+                fmt_interval(s.get("test_bootstrap", {}).get("acc")),
                 fmt_summary(s["val"]["acc"]),
+                str(s.get("n_scored") or "?"),
                 f"{s['trainable_params']:,}",
                 f"{s['train_seconds']['mean']:.1f} ± {s['train_seconds']['std']:.1f}",
+                f"{s['cost_seconds']:.1f}",
                 f"{s['seconds_per_epoch']['mean']:.2f}",
                 f"{s['epochs']['mean']:.0f}",
                 f"{s['image_size'][-1]} px",
@@ -191,7 +222,9 @@ def sections(results: dict) -> list[tuple[str, str]]:
             f"`{results['frozen_head']}`), preset **{results['preset']}**: {results['preset_note']} "
             f"Same splits for every run (split seed fixed); seeds {sorted({r['seed'] for r in results['runs']})}. "
             f"Checkpoints are selected on the validation split; each run touches the test split once. "
-            f"Numbers are mean ± std [95% CI] over seeds." + not_run_text(results.get("not_run", [])),
+            f"Numbers are mean ± std [95% CI] over seeds, except where the 95% interval is over test images "
+            f"(bootstrap, seeds averaged). Cost: training time + the feature extraction a regime's caches needed, "
+            f"counted once." + not_run_text(results.get("not_run", [])),
         ),
         ("Environment", ", ".join(f"{k}: {v}" for k, v in env.items())),
     ]

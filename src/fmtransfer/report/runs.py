@@ -76,6 +76,24 @@ def plan_runs(cfg: DictConfig) -> list[tuple[str, int, str]]:
     return [(r, s, shots_key(k)) for k in shots_order for s in c.seeds for r in c.regimes]
 
 
+def selection_of(metrics: dict, metric: str) -> dict:
+    """How the run's checkpoint and the regime were chosen: the validation score, on how many labelled images, with
+    which settings."""
+    return {
+        "metric": metric,
+        "score": metrics["val"][metric],
+        "n_scored": metrics["split_sizes"]["validation"],
+        "settings": metrics.get("regime_config") or metrics.get("head"),
+    }
+
+
+def extract_seconds_of(metrics: dict) -> float:
+    """Feature extraction this run did (0 when its caches were hits): frozen's levels, partial's prefix maps."""
+    frozen = (metrics.get("cache") or {}).get("extract_seconds")
+    prefix = (metrics.get("partial") or {}).get("prefix_extract_seconds")
+    return float(frozen or prefix or 0.0)
+
+
 def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
     """Run (or reuse) every planned run; returns the records of those run, in plan order, and the planned runs not
     started because ``compare.time_budget_s`` ran out (``{"regime", "seed", "shots_per_class"}`` each)."""
@@ -103,7 +121,13 @@ def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
             longest = max(longest, seconds)
             print(f"{label}: test acc {metrics['test']['acc']:.4f} in {seconds:.0f} s")
         record = {k: metrics.get(k) for k in RUN_FIELDS}
-        record.update(shots_per_class=shots, run_dir=str(run_dir))
+        record.update(
+            shots_per_class=shots,
+            run_dir=str(run_dir),
+            selection=selection_of(metrics, cfg.compare.metric),
+            extract_seconds=extract_seconds_of(metrics),
+            test_predictions=str(run_dir / metrics["test_predictions"]) if metrics.get("test_predictions") else None,
+        )
         records.append(record)
     if not records:
         raise ConfigError(f"compare.time_budget_s={budget}: the budget ran out before any run finished; raise it.")

@@ -1,9 +1,24 @@
 """Deciding a comparison: which regime wins (chosen on validation), by how much on test, at what cost.
 
+- Selection: each regime's validation score (``compare.metric``, mean over seeds) with its standard error over the
+  ``n_scored`` validation images. The one-standard-error rule: among the regimes whose score is within one standard
+  error of the best, the cheapest wins (cost = training time + the feature extraction its caches needed, counted
+  once), because on small validation sets smaller gaps than that are noise.
+- Test: the winner against every other regime on the same test images, a paired bootstrap of the seed-averaged
+  metric (``report.paired``); ``clear`` only when the paired 95% interval of the difference excludes 0.
+
 Structured output only; ``render.verdict_text`` words it.
 """
 
 from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fmtransfer.report.paired import paired_difference
+
+METRICS = ("acc", "balanced_acc", "f1_macro")
 
 
 def headline_shots(summary: dict) -> str:
@@ -12,39 +27,80 @@ def headline_shots(summary: dict) -> str:
     return "all" if "all" in keys else str(max(int(k) for k in keys))
 
 
-def verdict(summary: dict) -> dict:
-    """``{"shots", "winner", "selected_on", "comparisons": {regime: {...}}, "best_on_test", "cheaper"}``.
+def selection_score(row: dict, metric: str) -> dict:
+    """``{"metric", "score", "se", "n_scored"}``: the mean validation score and its binomial standard error over the
+    validation images (exact for accuracy, an approximation for the macro averages)."""
+    score = float(row["val"][metric]["mean"])
+    n = int(row.get("n_scored") or 0)
+    se = math.sqrt(max(score * (1 - score), 0.0) / n) if n > 0 else 0.0
+    return {"metric": metric, "score": score, "se": se, "n_scored": n}
 
-    The winner has the best mean validation accuracy (ties: the cheaper one). ``comparisons`` (ordered by test
-    accuracy) holds the winner's lead in test points, whether the seed-spread 95% intervals overlap, and each
-    regime's training time as a ratio of the winner's; ``cheaper`` lists regimes faster than the winner and no more
-    than 1 point below it on test.
+
+def verdict(summary: dict, metric: str = "acc", paired: dict | None = None) -> dict:
+    """The decision for the headline shots setting.
+
+    ``paired``: ``{"labels": (n,), "num_classes": int, "preds": {regime: (seeds, n)}}``, the test predictions of
+    every run of that setting (absent for runs without ``test_predictions.csv``: their differences get no interval
+    and are never called clear).
     """
+    if metric not in METRICS:
+        raise ValueError(f"compare.metric={metric} is not known; choose from {METRICS}")
     shots = headline_shots(summary)
     rows = {r: by[shots] for r, by in summary.items() if shots in by}
-    winner = max(rows, key=lambda r: (rows[r]["val"]["acc"]["mean"], -rows[r]["train_seconds"]["mean"]))
-    w = rows[winner]
-    wt, wacc = w["train_seconds"]["mean"], w["test"]["acc"]
-    comparisons = {}
-    for other, o in sorted(rows.items(), key=lambda kv: -kv[1]["test"]["acc"]["mean"]):
+    selection = {r: selection_score(row, metric) for r, row in rows.items()}
+    cost = {r: float(row["cost_seconds"]) for r, row in rows.items()}
+    best = max(rows, key=lambda r: (selection[r]["score"], -cost[r]))
+    threshold = selection[best]["score"] - selection[best]["se"]
+    within = [r for r in rows if selection[r]["score"] >= threshold]
+    winner = min(within, key=lambda r: (cost[r], -selection[r]["score"]))
+
+    preds = (paired or {}).get("preds", {})
+    comparisons = []
+    for other in sorted(rows, key=lambda r: -rows[r]["test"][metric]["mean"]):
         if other == winner:
             continue
-        oacc, ot = o["test"]["acc"], o["train_seconds"]["mean"]
-        comparisons[other] = {
-            "delta_points": (wacc["mean"] - oacc["mean"]) * 100,
-            "intervals_overlap": not (wacc["ci95"][0] > oacc["ci95"][1] or oacc["ci95"][0] > wacc["ci95"][1]),
-            "time_ratio": ot / wt if wt > 0 else float("inf"),
-        }
-    cheaper = [
-        r
-        for r in rows
-        if r != winner and rows[r]["train_seconds"]["mean"] < wt and comparisons[r]["delta_points"] <= 1.0
-    ]
+        if winner in preds and other in preds:
+            d = paired_difference(metric, paired["labels"], preds[winner], preds[other], paired["num_classes"])
+            clear = not (d["ci95"][0] <= 0.0 <= d["ci95"][1])
+        else:
+            diff = rows[winner]["test"][metric]["mean"] - rows[other]["test"][metric]["mean"]
+            d, clear = {"diff": diff, "ci95": None, "p_value": None}, False
+        comparisons.append(
+            {
+                "regime": other,
+                **d,
+                "clear": bool(clear),
+                "cost_ratio": cost[other] / cost[winner] if cost[winner] > 0 else float("inf"),
+            }
+        )
+    test_means = {r: rows[r]["test"][metric]["mean"] for r in rows}
     return {
         "shots": shots,
         "winner": winner,
-        "selected_on": "mean validation accuracy over seeds",
+        "metric": metric,
+        "selected_on": f"validation {metric}, mean over seeds; one-standard-error rule, cheapest within",
+        "selection": selection,
+        "best_selection": best,
+        "one_se_threshold": threshold,
+        "within_one_se": within,
+        "cost_seconds": cost,
         "comparisons": comparisons,
-        "best_on_test": max(rows, key=lambda r: rows[r]["test"]["acc"]["mean"]),
-        "cheaper": cheaper,
+        # Regimes every run of which kept its starting weights: what they report is their start (e.g. a linear probe).
+        "kept_start": [r for r, row in rows.items() if row["kept_start"] and row["kept_start"] == len(row["seeds"])],
+        "best_on_test": max(test_means, key=test_means.get),
+        # Cheaper than the winner: outside the one-SE band by construction; listed with their selection gap.
+        "cheaper": [
+            {
+                "regime": r,
+                "cost_ratio": cost[r] / cost[winner],
+                "score_gap": selection[winner]["score"] - selection[r]["score"],
+            }
+            for r in sorted(rows, key=cost.get)
+            if cost[r] < cost[winner]
+        ],
     }
+
+
+def paired_inputs(labels: np.ndarray, num_classes: int, preds: dict[str, list[np.ndarray]]) -> dict:
+    """``verdict``'s ``paired`` argument from per-regime lists of per-seed prediction arrays."""
+    return {"labels": labels, "num_classes": num_classes, "preds": {r: np.stack(p) for r, p in preds.items() if p}}

@@ -120,6 +120,7 @@ def fit_select_test(
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
         "test": {m: round(float(test[f"test/{m}"]), 6) for m in METRIC_NAMES},
         "test_confusion": module.test_confusion,
+        "test_predictions": module.test_predictions,
         "best_checkpoint": best_path,
         "selected": selected,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
