@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
         (g, s, k) for g in ("frozen", "partial", "finetune", "scratch") for s in (0, 1) for k in ("3", "6")
     }
     for r in runs:
-        assert set(r["test"]) == {"acc", "f1_macro", "balanced_acc"} and r["trainable_params"] > 0
+        assert set(r["test"]) == {"acc", "f1_macro", "balanced_acc", "per_class"} and r["trainable_params"] > 0
         metrics = json.loads(
             (
                 report_dir / "runs" / f"{r['regime']}-shots{r['shots_per_class']}-seed{r['seed']}" / "metrics.json"
@@ -102,10 +103,26 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
     for c in v["comparisons"]:
         assert set(c) >= {"regime", "diff", "ci95", "p_value", "clear"}
         assert c["clear"] == (not c["ci95"][0] <= 0 <= c["ci95"][1])
+    # Cost counts the build time of the caches a run reads whether it built them or hit them (partial and finetune
+    # hit frozen's pre-logits, built by the frozen run before them; scratch reads none).
+    for regime, expect_cache in (("frozen", True), ("partial", True), ("finetune", True), ("scratch", False)):
+        spent = [r["extract_seconds"] for r in runs if r["regime"] == regime]
+        assert (min(spent) > 0) if expect_cache else set(spent) == {0.0}, (regime, spent)
+    # Per-class test metrics (torchmetrics), consistent with the run's confusion matrix; shown for the winner.
+    for r in runs:
+        per_class, confusion = r["test"]["per_class"], r["test_confusion"]
+        assert list(per_class) == results["class_names"]
+        assert sum(c["support"] for c in per_class.values()) == 359
+        for i, c in enumerate(per_class.values()):
+            assert c["support"] == sum(confusion[i])
+            assert c["recall"] == pytest.approx(confusion[i][i] / sum(confusion[i]), abs=1e-5)
+            predicted = sum(row[i] for row in confusion)
+            assert c["precision"] == pytest.approx(confusion[i][i] / predicted if predicted else 0.0, abs=1e-5)
+    assert f"## Per class: {v['winner']} (test split, mean over seeds)" in md
     # Per-image predictions: one row per test image, same image order and labels in every run.
     import csv
 
-    tables = [list(csv.DictReader(open(r["test_predictions"]))) for r in runs]
+    tables = [list(csv.DictReader(Path(r["test_predictions"]).read_text().splitlines())) for r in runs]
     assert all(len(t) == 359 for t in tables)
     assert all([row["label"] for row in t] == [row["label"] for row in tables[0]] for t in tables)
     for r, t in zip(runs, tables, strict=True):

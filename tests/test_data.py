@@ -142,3 +142,52 @@ def test_pneumoniamnist_parquet_splits_are_given():
     data = prepare_data(str(shared_dataset("pneumoniamnist")))
     assert data.sizes() == {"train": 4708, "validation": 524, "test": 624}
     assert data.class_names == ["normal", "pneumonia"]
+
+
+def _csv_of(folder, csv_path, split_column=True, image_column="image"):
+    """A CSV listing ``folder``'s ImageFolder images (relative paths, sorted as the ImageFolder loader lists them)."""
+    rows = [f"{image_column},label" + (",split" if split_column else "")]
+    for f in sorted(folder.rglob("*.png")):
+        split, label = f.parent.parent.name, f.parent.name
+        rows.append(f"{f.relative_to(csv_path.parent)},{label}" + (f",{split}" if split_column else ""))
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path
+
+
+def test_csv_labels_give_the_same_splits_and_run_as_the_image_folder(tmp_path, tiny_overrides):
+    from .conftest import run_train_cli
+
+    folder = write_image_folder(tmp_path / "folder", {"train": 12, "test": 6})
+    csv_path = _csv_of(folder, tmp_path / "labels.csv")
+    assert detect_source(str(csv_path)).name == "csv"
+    as_csv, as_folder = prepare_data(str(csv_path)), prepare_data(str(folder))
+    assert as_csv.sizes() == as_folder.sizes() and as_csv.class_names == as_folder.class_names
+    for split in ("train", "validation", "test"):
+        assert split_fingerprint(as_csv.splits[split]) == split_fingerprint(as_folder.splits[split])
+    # The same test accuracy from make train on either form (same images, same splits, same seed).
+    accs = []
+    for path in (csv_path, folder):
+        done = run_train_cli([*tiny_overrides, f"data.path={path}", "data.shots_per_class=null"])
+        assert done.returncode == 0, done.stderr[-2000:]
+        run_dir = done.stdout.strip().splitlines()[-1].removeprefix("run dir: ")
+        accs.append(
+            __import__("json").loads((__import__("pathlib").Path(run_dir) / "metrics.json").read_text())["test"]
+        )
+    assert accs[0] == accs[1]
+
+
+def test_csv_problems_are_named(tmp_path):
+    folder = write_image_folder(tmp_path / "folder", {"train": 3})
+    good = _csv_of(folder, tmp_path / "labels.csv", split_column=False)
+    renamed = _csv_of(folder, tmp_path / "renamed.csv", split_column=False, image_column="file")
+    with pytest.raises(DataError, match="csv_columns.image"):
+        prepare_data(str(renamed))
+    assert prepare_data(str(renamed), csv_columns={"image": "file"}).sizes()["train"] > 0
+    (tmp_path / "missing.csv").write_text(good.read_text() + "nowhere/x.png,digit0\n")
+    with pytest.raises(DataError, match=r"1 images that do not exist, e\.g\. line 11: .*nowhere/x\.png"):
+        prepare_data(str(tmp_path / "missing.csv"))
+    (tmp_path / "split.csv").write_text("image,label,split\n" + "\n".join(
+        f"{line.split(',')[0]},{line.split(',')[1]},holdout" for line in good.read_text().splitlines()[1:]
+    ))  # fmt: skip
+    with pytest.raises(DataError, match="split values other than"):
+        prepare_data(str(tmp_path / "split.csv"))

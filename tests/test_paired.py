@@ -20,7 +20,7 @@ BAD = np.where(RNG.random(300) < 0.80, GOOD, RNG.integers(0, 4, 300))
 
 @pytest.mark.parametrize("preds", [GOOD, BAD, np.zeros(300, dtype=int)])  # the last predicts one class only
 def test_metrics_match_sklearn_and_torchmetrics(preds):
-    assert metric_value("acc", LABELS, preds, 4) == pytest.approx(np.mean(LABELS == preds))
+    assert metric_value("acc", LABELS, preds, 4) == pytest.approx(np.mean(preds == LABELS))
     assert metric_value("balanced_acc", LABELS, preds, 4) == pytest.approx(balanced_accuracy_score(LABELS, preds))
     assert metric_value("f1_macro", LABELS, preds, 4) == pytest.approx(f1_score(LABELS, preds, average="macro"))
     t, p = torch.from_numpy(LABELS), torch.from_numpy(preds)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 METRIC_NAMES = ("acc", "f1_macro", "balanced_acc")
 
@@ -19,3 +19,23 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+def per_class_metrics(num_classes: int) -> MetricCollection:
+    """Precision, recall and F1 of every class (``average=None``: one value per class, in class-index order)."""
+    return MetricCollection(
+        {
+            "precision": MulticlassPrecision(num_classes, average=None),
+            "recall": MulticlassRecall(num_classes, average=None),
+            "f1": MulticlassF1Score(num_classes, average=None),
+        }
+    )
+
+
+def per_class_table(values: dict, support: list[int], class_names: list[str]) -> dict:
+    """``{class name: {"precision", "recall", "f1", "support"}}`` from ``per_class_metrics`` values and the number of
+    test images of each class."""
+    return {
+        name: {**{k: round(float(values[k][i]), 6) for k in ("precision", "recall", "f1")}, "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    }

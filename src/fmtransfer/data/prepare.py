@@ -44,13 +44,14 @@ def prepare_data(
     shots_seed: int = 0,
     cache_dir: str | None = None,
     skip_bad: bool = False,
+    csv_columns: dict[str, str] | None = None,
 ) -> PreparedData:
     """Load ``path`` and return train/validation/test splits; k-shot subsampling applies to train only.
 
     Every image is decoded once (remembered under ``cache_dir``) so unreadable files are reported up front, or
     skipped and recorded with ``skip_bad``.
     """
-    dsd, source, notes = load_image_dataset(path, fmt, cache_dir)
+    dsd, source, notes = load_image_dataset(path, fmt, cache_dir, csv_columns)
     dsd, skipped = drop_bad_images(dsd, skip_bad, Path(cache_dir) / "image_scans" if cache_dir else None)
     if skipped:
         notes.append(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad=true), e.g. {skipped[0].file}")

@@ -91,6 +91,62 @@ def load_hub_dataset(path: str, cache_dir: str | None = None) -> DatasetDict:
     return _standardise_columns(loaded, path)
 
 
+CSV_COLUMNS = {"image": "image", "label": "label", "split": "split"}
+
+
+def load_csv_labels(path: str, cache_dir: str | None = None, columns: dict[str, str] | None = None) -> DatasetDict:
+    """A CSV of labelled images: an image column (a path relative to the CSV's folder, or absolute), a label column
+    (class names) and an optional split column (train, validation or val, test; rows without one go to train)."""
+    import csv
+
+    cols = {**CSV_COLUMNS, **(columns or {})}
+    csv_path = Path(path)
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [cols[k] for k in ("image", "label") if cols[k] not in header]
+        if missing:
+            raise DataError(
+                f"data.path={path}: no column {missing} in its header {header}; name the columns with "
+                f"data.csv_columns.image / data.csv_columns.label."
+            )
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"data.path={path}: the CSV has a header but no rows.")
+    by_split: dict[str, tuple[list[str], list[str]]] = {}
+    absent, unlabelled, bad_split = [], [], []
+    for line, row in enumerate(rows, start=2):
+        image = Path(row[cols["image"]].strip())
+        image = image if image.is_absolute() else csv_path.parent / image
+        label = (row.get(cols["label"]) or "").strip()
+        split_name = (row.get(cols["split"]) or "").strip().lower() if cols["split"] in header else ""
+        split = SPLIT_ALIASES.get(split_name) if split_name else "train"
+        if not image.is_file():
+            absent.append(f"line {line}: {image}")
+        elif not label:
+            unlabelled.append(f"line {line}")
+        elif split is None:
+            bad_split.append(f"line {line}: {split_name!r}")
+        else:
+            by_split.setdefault(split, ([], []))[0].append(str(image))
+            by_split[split][1].append(label)
+    for problems, what in (
+        (absent, "images that do not exist"),
+        (unlabelled, "rows without a label"),
+        (bad_split, "split values other than train, validation/val, test"),
+    ):
+        if problems:
+            raise DataError(f"data.path={path}: {len(problems)} {what}, e.g. {'; '.join(problems[:3])}.")
+    names = sorted({label for _, labels in by_split.values() for label in labels})
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    return DatasetDict(
+        {
+            split: Dataset.from_dict({"image": images, "label": [names.index(x) for x in labels]}, features=features)
+            for split, (images, labels) in by_split.items()
+        }
+    )
+
+
 def _load_with_hf(builder: str, kwargs: dict, path: str, cache_dir: str | None) -> DatasetDict:
     try:
         loaded = load_dataset(builder, cache_dir=cache_dir, **kwargs)
@@ -137,6 +193,7 @@ DATA_SOURCES: dict[str, DataSource] = {
         inspect=lambda path: check_image_folder(Path(path), IMAGE_SUFFIXES),
     ),
     "parquet": DataSource("parquet", load_parquet_dir, "local Parquet split files"),
+    "csv": DataSource("csv", load_csv_labels, "CSV of image paths and labels"),
     "hub": DataSource("hub", load_hub_dataset, "Hugging Face hub dataset id"),
 }
 EMBEDDED_PATHS = {"sklearn:digits": "sklearn_digits"}
@@ -153,6 +210,8 @@ def detect_source(path: str, fmt: str = "auto") -> DataSource:
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".parquet":
         return DATA_SOURCES["parquet"]
+    if p.is_file() and p.suffix.lower() == ".csv":
+        return DATA_SOURCES["csv"]
     if p.is_dir():
         if any(p.glob("*.parquet")):
             return DATA_SOURCES["parquet"]
@@ -166,12 +225,13 @@ def detect_source(path: str, fmt: str = "auto") -> DataSource:
         return DATA_SOURCES["hub"]
     raise DataError(
         f"data.path={path}: no such file or directory. Give an ImageFolder directory, a directory of Parquet "
-        f"split files, a Hugging Face hub id (owner/name), or 'sklearn:digits' for the embedded default."
+        f"split files, a CSV of image paths and labels, a Hugging Face hub id (owner/name), or 'sklearn:digits' for "
+        f"the embedded default."
     )
 
 
 def load_image_dataset(
-    path: str, fmt: str = "auto", cache_dir: str | None = None
+    path: str, fmt: str = "auto", cache_dir: str | None = None, csv_columns: dict[str, str] | None = None
 ) -> tuple[DatasetDict, DataSource, list[str]]:
     """Load ``path`` into a ``DatasetDict`` of ``image``/``label`` splits.
 
@@ -180,7 +240,7 @@ def load_image_dataset(
     source = detect_source(str(path), fmt)
     location = path if path in EMBEDDED_PATHS or source.name == "hub" else str(Path(path).expanduser())
     notes = source.inspect(location) if source.inspect else []
-    dsd = source.load(location, cache_dir)
+    dsd = source.load(location, cache_dir, csv_columns) if source.name == "csv" else source.load(location, cache_dir)
     if not dsd:
         raise DataError(f"data.path={path}: no split found.")
     names = None

@@ -164,36 +164,34 @@ def run_stage(
         run_jobs([bench], deadline, env)
         jobs.append(bench)
 
-    def compare_for(experiment: Experiment, budget: float | None = None) -> Job:
-        if budget is None:  # its time budget: what is left when it starts
-            budget = max(deadline - FINAL_REPORT_S - time.monotonic() - REPORT_MARGIN_S, 0.0)
+    def compare_for(experiment: Experiment, budget: float) -> Job:
         overrides = [*extra.get("*", []), *extra.get(experiment.name, [])]
         return compare_job(experiment, kit, work, budget, overrides)
 
     compares: list[Job] = []
-    if stage.parallel:
-        compares = [compare_for(e) for e in stage.experiments]
-        run_jobs(compares, deadline - FINAL_REPORT_S, env)
-    else:
-        for experiment in stage.experiments:
-            compares.append(compare_for(experiment))
-            run_jobs(compares[-1:], deadline - FINAL_REPORT_S, env)
-    # A comparison stopped at the deadline has no report: one more pass with no time budget left runs nothing new and
-    # writes the report from the runs that finished (each run's metrics.json), saying which did not run.
-    for i, job in enumerate(compares):
-        if job.timed_out:
-            experiment = stage.experiments[i]
-            final = compare_for(experiment, budget=0.0)
-            final.name, final.log = job.name, job.log.with_suffix(".report.log")
-            run_jobs([final], deadline, env)
-            job.lines += final.lines
-            job.returncode = final.returncode
+    for i, group in enumerate(stage.groups):
+        # Each group gets an equal share of the time left; a group that finishes early leaves more to the next.
+        left = deadline - FINAL_REPORT_S - time.monotonic()
+        budget = max(left / (len(stage.groups) - i) - REPORT_MARGIN_S, 0.0)
+        group_jobs = [compare_for(e, budget) for e in group]
+        run_jobs(group_jobs, time.monotonic() + budget + REPORT_MARGIN_S, env)
+        # A comparison stopped at its group's end has no report: one more pass with no time budget runs nothing new
+        # and writes the report from the runs that finished (each run's metrics.json), saying which did not run.
+        for experiment, job in zip(group, group_jobs, strict=True):
+            if job.timed_out:
+                final = compare_for(experiment, 0.0)
+                final.name, final.log = job.name, job.log.with_suffix(".report.log")
+                run_jobs([final], deadline, env)
+                job.lines += final.lines
+                job.returncode = final.returncode
+        compares += group_jobs
     jobs += compares
     manifest = {
         "stage": stage.name,
         "environment": environment,
         "kit": kit_info,
         "parallel": stage.parallel,
+        "groups": [[e.name for e in group] for group in stage.groups],
         "wall_seconds": round(time.monotonic() - t0, 1),
         "jobs": {job.name: job.summary() for job in jobs},
     }

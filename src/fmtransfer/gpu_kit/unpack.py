@@ -75,6 +75,12 @@ def correct_commit(folder: Path, manifest: dict) -> None:
     manifest["environment"]["git_commit"] = packed
 
 
+def together_text(groups: list[list[str]]) -> str:
+    """Which comparisons shared the machine (their wall times are not solo times)."""
+    shared = [" and ".join(g) for g in groups if len(g) > 1]
+    return f" ({'; '.join(shared)} ran at the same time, sharing the GPU and the CPU cores)." if shared else "."
+
+
 def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {round(seconds % 60)} s"
 
@@ -91,11 +97,8 @@ def benchmark_section(manifest: dict, bench: dict | None, reports: dict[str, dic
         f"Environment: {env['device']}, {env['cpu_count']} CPU cores; Python {env['python']}, torch {env['torch']}, "
         f"timm {env['timm']}, pytorch-lightning {env['pytorch_lightning']}; commit {env['git_commit']}. Stage wall "
         f"time {minutes(manifest['wall_seconds'])}"
-        + (
-            " (the comparisons ran at the same time, sharing the GPU and the CPU cores)."
-            if manifest["parallel"]
-            else "."
-        ),
+        # Archives before stages had groups: "parallel" meant all comparisons at once.
+        + together_text(manifest.get("groups") or ([list(jobs)[1:]] if manifest["parallel"] else [])),
         "",
     ]
     if bench is None and "bench" in jobs:

@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from fmtransfer.errors import FmtransferError
-from fmtransfer.metrics import classification_metrics
+from fmtransfer.metrics import classification_metrics, per_class_metrics
 
 
 class NonFiniteLossError(FmtransferError):
@@ -42,6 +42,8 @@ class HeadClassifier(pl.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion_metric = MulticlassConfusionMatrix(num_classes)
+        self.test_per_class_metrics = per_class_metrics(num_classes)
+        self.test_per_class: dict[str, list[float]] | None = None  # precision/recall/f1 per class, support
         self.test_confusion: list[list[int]] | None = None
         # Per-image test outputs, in test-split order (single process): {"label": (n,), "prob": (n, classes)}.
         self.test_predictions: dict[str, torch.Tensor] | None = None
@@ -71,6 +73,7 @@ class HeadClassifier(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         logits = self._eval_step(batch, self.test_metrics, "test/loss")
         self.test_confusion_metric.update(logits, batch[1])
+        self.test_per_class_metrics.update(logits, batch[1])
         self._test_outputs.append((batch[1].detach().cpu(), logits.detach().float().softmax(-1).cpu()))
 
     def on_test_epoch_start(self) -> None:
@@ -79,6 +82,9 @@ class HeadClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_confusion = self.test_confusion_metric.compute().tolist()
         self.test_confusion_metric.reset()
+        values = {k: v.tolist() for k, v in self.test_per_class_metrics.compute().items()}
+        self.test_per_class = {**values, "support": [sum(row) for row in self.test_confusion]}
+        self.test_per_class_metrics.reset()
         # Under DDP each process saw an interleaved share of the test split: no per-image file then (the paired
         # statistics of make compare need one process; the metrics above are reduced across processes as usual).
         outputs, self._test_outputs = self._test_outputs, []

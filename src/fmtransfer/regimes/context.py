@@ -7,7 +7,7 @@ import csv
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,6 +25,7 @@ from fmtransfer.backbone import (
 from fmtransfer.cache import CacheResult, CacheSpec, FeatureCache, ensure_feature_cache
 from fmtransfer.data import PreparedData, prepare_data
 from fmtransfer.errors import ConfigError
+from fmtransfer.metrics import per_class_table
 from fmtransfer.training import TrainingTools
 from fmtransfer.training.datamodules import SPLITS
 
@@ -41,6 +42,10 @@ class RunContext:
     data_config: dict
     tools: TrainingTools
     started: float
+    setup_seconds: float = 0.0  # start_run: config, splits, backbone description
+    # Build time of every cache entry this run read (train/validation), hit or not, by path: what it would cost a
+    # user who ran only this regime (make compare's cost; a hit costs the run that built it, not this one).
+    cache_build_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -62,6 +67,9 @@ class RunContext:
             return built["extractor"]
 
         results = {split: self.cache_split(cache, split, cache_spec, build_extractor) for split in SPLITS}
+        for split in ("train", "validation"):  # the test split's extraction is evaluation, not the cost of a model
+            entry = results[split].split
+            self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
         hit = all(c.hit for c in results.values())
         print(f"[cache] {'hit: reusing' if hit else 'built'} {results['train'].split.path.parent}")
         return results
@@ -93,7 +101,7 @@ class RunContext:
         """The run's ``metrics.json`` (written into the run dir), common fields first."""
         metrics = {
             "regime": regime,
-            "test": results["test"],
+            "test": test_with_per_class(results, self.data.class_names),
             "val": results["val"],
             **extra,
             "train_seconds": results["train_seconds"],
@@ -102,7 +110,11 @@ class RunContext:
             "trainable_params": results["trainable_params"],
             "peak_memory_bytes": results["peak_memory_bytes"],
             "peak_memory_kind": results["peak_memory_kind"],
-            "total_seconds": round(time.perf_counter() - self.started, 3),
+            "total_seconds": round(total := time.perf_counter() - self.started, 3),
+            "cache_build_seconds": round(sum(self.cache_build_seconds.values()), 3),
+            # Where a run's wall time goes (a GPU run spent most of it outside training): the rest is caches, the
+            # linear-probe start, models and Trainers being built.
+            "phase_seconds": phase_seconds(total, self.setup_seconds, results.get("phase_seconds", {})),
             "split_source": self.data.split_source,
             "split_sizes": self.data.sizes(),
             "shots_per_class": self.data.shots_per_class,
@@ -133,6 +145,21 @@ class RunContext:
 
 
 PREDICTIONS_FILE = "test_predictions.csv"
+
+
+def test_with_per_class(results: dict, class_names: list[str]) -> dict:
+    """``metrics.json``'s ``test``: the three metrics and ``per_class`` (precision, recall, F1, support per class)."""
+    per_class = results.get("test_per_class")
+    if not per_class:
+        return results["test"]
+    return {**results["test"], "per_class": per_class_table(per_class, per_class["support"], class_names)}
+
+
+def phase_seconds(total: float, setup: float, fit_phases: dict[str, float]) -> dict[str, float]:
+    """``{"setup", <fit_select_test's phases>, "other"}``, rounded, summing to ``total``."""
+    phases = {"setup": setup, **fit_phases}
+    phases["other"] = max(0.0, total - sum(phases.values()))
+    return {k: round(v, 3) for k, v in phases.items()}
 
 
 def write_test_predictions(path: Path, predictions: dict, class_names: list[str]) -> None:
@@ -172,7 +199,7 @@ def start_run(
     if image_size is not None:
         overrides["image_size"] = image_size
     data_config = resolve_data_config(spec.pretrained_cfg, **overrides)
-    return RunContext(cfg, run_dir, data, spec, data_config, tools, started)
+    return RunContext(cfg, run_dir, data, spec, data_config, tools, started, time.perf_counter() - started)
 
 
 def load_data(cfg: DictConfig) -> PreparedData:
@@ -189,6 +216,7 @@ def load_data(cfg: DictConfig) -> PreparedData:
         d.shots_seed,
         cache_dir=str(Path(cfg.paths.data_dir) / "hf"),
         skip_bad=cfg.data.skip_bad,
+        csv_columns=OmegaConf.to_container(d.csv_columns) if d.get("csv_columns") else None,
     )
 
 

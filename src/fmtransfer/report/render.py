@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from fmtransfer.report import plots
+from fmtransfer.report.paired import RESAMPLES
 
 MEMORY_KINDS = {"gpu_max_allocated": "GPU", "cpu_rss_increase": "RSS"}
 METRIC_LABELS = {"acc": "accuracy", "f1_macro": "macro-F1", "balanced_acc": "balanced accuracy"}
@@ -17,6 +18,11 @@ def time_ratio_text(ratio: float) -> str:
     if ratio >= 0.5:
         return f"{ratio:.1f}× the winner's time"
     return f"1/{1 / ratio:.0f} of the winner's time" if ratio > 0 else "no measurable time"
+
+
+def p_value_text(p: float) -> str:
+    """``= 0.241``, or ``< 0.002`` at the bootstrap's floor (no resample crossed 0: 2 / (resamples + 1))."""
+    return f"< {2 / (RESAMPLES + 1) * 1.001:.3f}" if p <= 2 / (RESAMPLES + 1) * 1.001 else f"= {p:.3f}"
 
 
 def _interval(ci) -> str:
@@ -49,7 +55,7 @@ def verdict_text(verdict: dict, summary: dict) -> str:
     ]
     for c in verdict["comparisons"]:
         other, o = c["regime"], rows[c["regime"]]
-        p = f", p = {c['p_value']:.3f}" if c["p_value"] is not None else ""
+        p = "" if c["p_value"] is None else f", p {p_value_text(c['p_value'])}"
         lines.append(
             f"- vs **{other}** ({o['test'][metric]['mean']:.3f} on test): {c['diff'] * 100:+.1f} points, paired 95% "
             f"interval {_interval(c['ci95'])}{p}: {'a clear difference' if c['clear'] else 'not a clear difference'}; "
@@ -145,6 +151,23 @@ def shots_table(summary: dict) -> list[list[str]]:
     return rows
 
 
+def per_class_table(results: dict) -> list[list[str]] | None:
+    """The winner's precision, recall and F1 per class on the test split (mean over its seeds), with support."""
+    v = results["verdict"]
+    runs = [
+        r["test"]["per_class"]
+        for r in results["runs"]
+        if r["regime"] == v["winner"] and r["shots_per_class"] == v["shots"] and r["test"].get("per_class")
+    ]
+    if not runs:
+        return None
+    rows = [["class", "precision", "recall", "F1", "support"]]
+    for name in results["class_names"]:
+        mean = {k: sum(r[name][k] for r in runs) / len(runs) for k in ("precision", "recall", "f1")}
+        rows.append([name, *(f"{mean[k]:.3f}" for k in ("precision", "recall", "f1")), str(runs[0][name]["support"])])
+    return rows
+
+
 def figures(results: dict) -> dict[str, tuple[str, bytes]]:
     """name -> (caption, PNG) for every figure the data supports."""
     shots = results["verdict"]["shots"]
@@ -223,8 +246,8 @@ def sections(results: dict) -> list[tuple[str, str]]:
             f"Same splits for every run (split seed fixed); seeds {sorted({r['seed'] for r in results['runs']})}. "
             f"Checkpoints are selected on the validation split; each run touches the test split once. "
             f"Numbers are mean ± std [95% CI] over seeds, except where the 95% interval is over test images "
-            f"(bootstrap, seeds averaged). Cost: training time + the feature extraction a regime's caches needed, "
-            f"counted once." + not_run_text(results.get("not_run", [])),
+            f"(bootstrap, seeds averaged). Cost: training time + building the train/validation feature caches a "
+            f"regime reads (what running that regime alone would take)." + not_run_text(results.get("not_run", [])),
         ),
         ("Environment", ", ".join(f"{k}: {v}" for k, v in env.items())),
     ]
@@ -265,6 +288,10 @@ def write_report(results: dict, report_dir: Path) -> None:
         _md_table(shots_table(results["summary"])),
         "",
     ]
+    per_class = per_class_table(results)
+    per_class_title = f"Per class: {results['verdict']['winner']} (test split, mean over seeds)"
+    if per_class:
+        md += [f"## {per_class_title}", "", _md_table(per_class), ""]
     for name, (caption, _) in figs.items():
         md += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
     md += [f"## {env[0]}", "", env[1], "", "Every number above is in `results.json`.", ""]
@@ -285,5 +312,6 @@ th{{background:#f3f3f3}}img{{max-width:100%;border:1px solid #eee}}code{{backgro
 <h2>{html.escape(table_title)}</h2>{_html_table(regime_table(results["summary"], shots))}
 <p>{html.escape(KEPT_START_NOTE)}</p>
 <h2>Test accuracy by shots per class</h2>{_html_table(shots_table(results["summary"]))}
+{f"<h2>{html.escape(per_class_title)}</h2>{_html_table(per_class)}" if per_class else ""}
 {imgs}<h2>{env[0]}</h2><p>{html.escape(env[1])}</p><p>Every number above is in results.json.</p></body></html>"""
     (report_dir / "report.html").write_text(page)

@@ -88,7 +88,10 @@ def selection_of(metrics: dict, metric: str) -> dict:
 
 
 def extract_seconds_of(metrics: dict) -> float:
-    """Feature extraction this run did (0 when its caches were hits): frozen's levels, partial's prefix maps."""
+    """Build time of the train/validation caches the run read (hit or not: what the run would cost alone); runs
+    from before ``cache_build_seconds``: the extraction the run itself did."""
+    if metrics.get("cache_build_seconds") is not None:
+        return float(metrics["cache_build_seconds"])
     frozen = (metrics.get("cache") or {}).get("extract_seconds")
     prefix = (metrics.get("partial") or {}).get("prefix_extract_seconds")
     return float(frozen or prefix or 0.0)

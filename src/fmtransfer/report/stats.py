@@ -44,9 +44,9 @@ def summarise_runs(records: list[dict]) -> dict:
                     for k in ("train_seconds", "seconds_per_epoch", "epochs", "peak_memory_bytes")
                 }
                 | {
-                    # Training per run + the extraction its caches needed, counted once (the run that built them).
-                    "cost_seconds": sum(r["train_seconds"] for r in recs) / len(recs)
-                    + max(r.get("extract_seconds") or 0.0 for r in recs),
+                    # Training + building the train/validation caches it reads, per run, mean over seeds.
+                    "cost_seconds": sum(r["train_seconds"] + (r.get("extract_seconds") or 0.0) for r in recs)
+                    / len(recs),
                     "n_scored": (recs[0].get("selection") or {}).get("n_scored"),
                     "trainable_params": recs[0]["trainable_params"],
                     "peak_memory_kind": recs[0]["peak_memory_kind"],

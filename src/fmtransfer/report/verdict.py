@@ -2,8 +2,8 @@
 
 - Selection: each regime's validation score (``compare.metric``, mean over seeds) with its standard error over the
   ``n_scored`` validation images. The one-standard-error rule: among the regimes whose score is within one standard
-  error of the best, the cheapest wins (cost = training time + the feature extraction its caches needed, counted
-  once), because on small validation sets smaller gaps than that are noise.
+  error of the best, the cheapest wins (cost = training time + building the train/validation caches it reads), because
+  on small validation sets smaller gaps than that are noise.
 - Test: the winner against every other regime on the same test images, a paired bootstrap of the seed-averaged
   metric (``report.paired``); ``clear`` only when the paired 95% interval of the difference excludes 0.
 

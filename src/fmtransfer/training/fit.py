@@ -99,6 +99,7 @@ def fit_select_test(
         print(f"[train] resuming from {last_path}")
     store = Path(best.dirpath) / START_FILE
     start_score = None
+    began = time.perf_counter()
     if include_start and best.monitor == "val/loss" and best.mode == "min":
         start_score = _starting_score(trainer, module, datamodule, best.monitor, store)
     reseed(seed)
@@ -114,17 +115,24 @@ def fit_select_test(
     # Model selection used validation only; the test split is evaluated once, with the selected weights.
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+    phases = {
+        "start_score": start - began,
+        "fit": train_seconds,
+        "final_evaluation": time.perf_counter() - start - train_seconds,
+    }
     timer, memory = _callback(trainer, EpochTimer), _callback(trainer, PeakMemory)
     epoch_seconds = timer.seconds if timer is not None else []
     return {
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
         "test": {m: round(float(test[f"test/{m}"]), 6) for m in METRIC_NAMES},
+        "test_per_class": module.test_per_class,
         "test_confusion": module.test_confusion,
         "test_predictions": module.test_predictions,
         "best_checkpoint": best_path,
         "selected": selected,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "train_seconds": round(train_seconds, 3),
+        "phase_seconds": phases,
         "epochs": len(epoch_seconds),
         "seconds_per_epoch": round(sum(epoch_seconds) / max(1, len(epoch_seconds)), 4),
         "peak_memory_bytes": int(memory.peak_bytes) if memory is not None else None,
