@@ -180,7 +180,7 @@ def test_csv_problems_are_named(tmp_path):
     folder = write_image_folder(tmp_path / "folder", {"train": 3})
     good = _csv_of(folder, tmp_path / "labels.csv", split_column=False)
     renamed = _csv_of(folder, tmp_path / "renamed.csv", split_column=False, image_column="file")
-    with pytest.raises(DataError, match="csv_columns.image"):
+    with pytest.raises(DataError, match=r"csv_columns\.image"):
         prepare_data(str(renamed))
     assert prepare_data(str(renamed), csv_columns={"image": "file"}).sizes()["train"] > 0
     (tmp_path / "missing.csv").write_text(good.read_text() + "nowhere/x.png,digit0\n")

@@ -46,8 +46,11 @@ def plan_text() -> str:
         "         -> reports/<experiment>-<gpu>/ and a section of docs/benchmarks.md naming the device",
         "here   make gpu-report STAGE=rehearse  the whole sequence on the CPU at tiny sizes (CI runs it)",
         "",
-        f"Budget: a machine start costs 1-2 min of device time and it is given back 30 s after a call; with 15 min "
-        f"per session run `all` in one call. Each call carries at most {CALL_LIMIT_MIB} MiB (pack checks).",
+        "Budget (seen on an H200, 2026-11-26): the start took ~30 s of device time and the machine is given back",
+        "30 s after a call. With 15 min: run `all` (timeout_s=600); if 3+ min are left, call again AT ONCE (warm)",
+        "with",
+        "`GPU_REPORT_DEADLINE_S=<seconds left - 40> bash scripts/gpu-stage <experiment>`: comparisons resume from the",
+        f"runs they finished. Each call carries at most {CALL_LIMIT_MIB} MiB (pack checks).",
     ]
     return "\n".join(lines)
 
