@@ -17,8 +17,12 @@ def test_frozen_run_writes_metrics_and_reuses_its_cache(tmp_path, tiny_overrides
     first = run_regime(cfg, tmp_path / "run1")
     assert first["cache"]["hit"] is False and first["cache"]["extract_seconds"] > 0
     for split in ("val", "test"):
-        assert set(first[split]) == {"acc", "f1_macro", "balanced_acc"}
-        assert all(0.0 <= v <= 1.0 for v in first[split].values())
+        metrics = {k: v for k, v in first[split].items() if k != "per_class"}
+        assert set(metrics) == {"acc", "f1_macro", "balanced_acc"}
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    per_class = first["test"]["per_class"]  # test only: {class: precision, recall, f1, support}
+    assert sum(c["support"] for c in per_class.values()) == first["split_sizes"]["test"]
+    assert all(0.0 <= c[k] <= 1.0 for c in per_class.values() for k in ("precision", "recall", "f1"))
     assert first["test"]["acc"] > 0.5, "10 shots of real digits with ImageNet features beat chance (0.1) by far"
     assert first["split_source"]["test"].startswith("made from train")
     assert "10 shots per class" in first["split_source"]["train"]
