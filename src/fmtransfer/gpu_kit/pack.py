@@ -117,6 +117,7 @@ def compact_image_folder(src: Path, dest: Path, short_side: int, per_class: int 
 
 def compact_parquet(src: Path, dest: Path, per_class: int | None) -> int:
     """Parquet split files copied (already compact); with ``per_class``, the first rows of each label only."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -130,8 +131,6 @@ def compact_parquet(src: Path, dest: Path, per_class: int | None) -> int:
         table = pq.read_table(file)
         labels = table.column("label")
         parts = [table.filter(pc.equal(labels, v)).slice(0, per_class) for v in pc.unique(labels).to_pylist()]
-        import pyarrow as pa
-
         small = pa.concat_tables(parts)
         pq.write_table(small, dest / file.name)
         count += small.num_rows
