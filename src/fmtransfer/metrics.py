@@ -32,10 +32,13 @@ def per_class_metrics(num_classes: int) -> MetricCollection:
     )
 
 
-def per_class_table(values: dict, support: list[int], class_names: list[str]) -> dict:
-    """``{class name: {"precision", "recall", "f1", "support"}}`` from ``per_class_metrics`` values and the number of
-    test images of each class."""
+def per_class_table(values: dict, class_names: list[str]) -> dict:
+    """``{class name: {"precision", "recall", "f1", "support"}}`` from per-class lists: ``per_class_metrics`` values
+    and ``support``, the number of test images of each class."""
     return {
-        name: {**{k: round(float(values[k][i]), 6) for k in ("precision", "recall", "f1")}, "support": int(support[i])}
+        name: {
+            **{k: round(float(values[k][i]), 6) for k in ("precision", "recall", "f1")},
+            "support": int(values["support"][i]),
+        }
         for i, name in enumerate(class_names)
     }

@@ -152,7 +152,7 @@ def test_with_per_class(results: dict, class_names: list[str]) -> dict:
     per_class = results.get("test_per_class")
     if not per_class:
         return results["test"]
-    return {**results["test"], "per_class": per_class_table(per_class, per_class["support"], class_names)}
+    return {**results["test"], "per_class": per_class_table(per_class, class_names)}
 
 
 def phase_seconds(total: float, setup: float, fit_phases: dict[str, float]) -> dict[str, float]:

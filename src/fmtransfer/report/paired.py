@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fmtransfer.metrics import METRIC_NAMES
+
 RESAMPLES = 2000
-METRICS = ("acc", "balanced_acc", "f1_macro")
 
 
 def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +42,7 @@ def metric_value(metric: str, labels: np.ndarray, preds: np.ndarray, num_classes
         elif metric == "f1_macro":
             per_class = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
         else:
-            raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+            raise ValueError(f"unknown metric {metric!r}; choose from {METRIC_NAMES}")
     return float(per_class[present].mean()) if present.any() else 0.0
 
 

@@ -16,9 +16,8 @@ import math
 
 import numpy as np
 
+from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.report.paired import paired_difference
-
-METRICS = ("acc", "balanced_acc", "f1_macro")
 
 
 def headline_shots(summary: dict) -> str:
@@ -45,8 +44,8 @@ def verdict(summary: dict, metric: str = "acc", paired: dict | None = None) -> d
     every run of that setting (absent for runs without ``test_predictions.csv``: their differences get no interval
     and are never called clear).
     """
-    if metric not in METRICS:
-        raise ValueError(f"compare.metric={metric} is not known; choose from {METRICS}")
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"compare.metric={metric} is not known; choose from {METRIC_NAMES}")
     shots = headline_shots(summary)
     rows = {r: by[shots] for r, by in summary.items() if shots in by}
     selection = {r: selection_score(row, metric) for r, row in rows.items()}
