@@ -11,6 +11,7 @@ import pytest
 
 from fmtransfer.cli.compare import main as compare_main
 from fmtransfer.cli.compare import resolve_preset
+from fmtransfer.errors import FmtransferError
 from fmtransfer.report import runs as runs_mod
 from fmtransfer.report.render import verdict_text
 from fmtransfer.report.stats import summarise
@@ -265,3 +266,9 @@ def test_a_comparison_is_named_after_its_data():
     assert resolve_preset([]).compare.name == "digits"
     assert resolve_preset(["data.path=/data/my_cells/"]).compare.name == "my_cells"
     assert resolve_preset(["experiment=hymenoptera"]).compare.name == "hymenoptera"
+
+
+def test_an_unknown_compare_metric_is_refused_before_any_run():
+    with pytest.raises(FmtransferError, match=r"compare\.metric=auc is not known"):
+        resolve_preset(["compare.metric=auc"])
+    assert resolve_preset(["compare.metric=balanced_acc"]).compare.metric == "balanced_acc"

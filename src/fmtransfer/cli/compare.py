@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import compose_config, config_dir
 from fmtransfer.errors import FmtransferError
+from fmtransfer.metrics import METRIC_NAMES
 
 
 def resolve_preset(overrides: list[str]) -> DictConfig:
@@ -30,6 +31,10 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
         )
     final = compose_config([*cfg.compare.presets[preset], f"compare.preset={preset}", *overrides], name="compare")
     final.compare.preset_note = str(final.compare.preset_notes[preset])
+    if final.compare.metric not in METRIC_NAMES:  # before any run, not when the report is written
+        raise FmtransferError(
+            f"compare.metric={final.compare.metric} is not known; choose one of {list(METRIC_NAMES)}."
+        )
     if final.compare.name is None:
         final.compare.name = dataset_name(str(final.data.path))
     return final
