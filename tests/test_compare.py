@@ -15,7 +15,7 @@ from fmtransfer.errors import FmtransferError
 from fmtransfer.report import runs as runs_mod
 from fmtransfer.report.render import verdict_text
 from fmtransfer.report.stats import summarise
-from fmtransfer.report.verdict import verdict
+from fmtransfer.report.verdict import selection_score, verdict
 
 TINY = [
     "data.image_size=32",
@@ -33,7 +33,11 @@ TINY = [
     "regimes.finetune.min_steps=2",
     "regimes.scratch.min_steps=2",
     "trainer.progress_bar=false",
+    # Selection: 2 folds of the k shots per regime, one frozen candidate (test_selection covers sweeps).
+    "compare.sweep.frozen=[['head.name=multilayer']]",
+    *(f"compare.folds.{r}=2" for r in ("frozen", "partial", "finetune", "scratch")),
 ]
+FOLD_RUNS = 2 * 4 * 2  # shots settings x regimes x folds
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,11 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
                 report_dir / "runs" / f"{r['regime']}-shots{r['shots_per_class']}-seed{r['seed']}" / "metrics.json"
             ).read_text()
         )
-        assert metrics["split_sizes"]["test"] == 359 and metrics["split_sizes"]["validation"] == 216
+        # Final runs retrain on the pool (under k-shot: the k shots per class) and test once.
+        assert metrics["split_sizes"]["test"] == 359 and metrics["split_sizes"]["train"] == 10 * int(
+            r["shots_per_class"]
+        )
+        assert metrics["val"] is None and metrics["best_checkpoint"].endswith("final.ckpt")
     frozen_params = {r["trainable_params"] for r in runs if r["regime"] == "frozen"}
     finetune_params = {r["trainable_params"] for r in runs if r["regime"] == "finetune"}
     assert max(frozen_params) < min(finetune_params)
@@ -77,27 +85,38 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
         row = next(line for line in md.splitlines() if line.startswith(f"| {regime} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         regime_runs = [r for r in runs if r["regime"] == regime and r["shots_per_class"] == shots]
-        # Test metrics then validation accuracy: summary cells in the table, summary means from the runs themselves.
+        # Test metrics: summary cells in the table, summary means from the runs themselves.
         for cell, (split, metric) in zip(
-            [*cells[1:4], cells[5]],
-            [("test", "acc"), ("test", "f1_macro"), ("test", "balanced_acc"), ("val", "acc")],
-            strict=True,
+            cells[1:4], [("test", "acc"), ("test", "f1_macro"), ("test", "balanced_acc")], strict=True
         ):
             s = by[shots][split][metric]
             assert cell == f"{s['mean']:.3f} ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
             assert s["mean"] == pytest.approx(sum(r[split][metric] for r in regime_runs) / len(regime_runs))
         # The interval over test images, from the runs' per-image predictions: same mean as the runs' accuracy.
         boot = by[shots]["test_bootstrap"]["acc"]
-        assert boot["mean"] == pytest.approx(by[shots]["test"]["acc"]["mean"])
+        assert boot["mean"] == pytest.approx(by[shots]["test"]["acc"]["mean"], abs=1e-5)  # metrics: 6 decimals
         assert cells[4] == f"{boot['mean']:.3f} [{boot['ci95'][0]:.3f}, {boot['ci95'][1]:.3f}]"
-        assert cells[6] == "216" and cells[7] == f"{by[shots]['trainable_params']:,}"
+        # The selection score: cross-validated over the 60 pooled shots, once for all seeds.
+        sel = by[shots]["val"]["acc"]
+        se = selection_score(by[shots], "acc")["se"]
+        assert sel["std"] == 0.0 and cells[5] == f"{sel['mean']:.3f} ± {se:.3f} (2-fold CV)"
+        assert cells[6] == "60" and cells[8] == f"{by[shots]['trainable_params']:,}"
         kept = sum(r["selected"].startswith("initial") for r in regime_runs)
         assert by[shots]["kept_start"] == kept and cells[-1] == f"{kept}/2"
     assert results["verdict"]["winner"] in md.split("## Setup")[0]
     # results.json contract: selection per run; verdict comparisons as a list with paired intervals.
     for r in runs:
-        assert r["selection"]["metric"] == "acc" and r["selection"]["n_scored"] == 216
-        assert r["selection"]["score"] == r["val"]["acc"] and r["selection"]["settings"]
+        sel = r["selection"]
+        assert sel["metric"] == "acc" and sel["protocol"] == "cv" and sel["folds"] == 2
+        assert sel["n_scored"] == 10 * int(r["shots_per_class"]), "k-shot: scored on the k shots only"
+        assert sel["score"] == r["val"]["acc"] and sel["settings"]["epochs"] is not None
+        assert r["epochs"] == sel["settings"]["epochs"], "the final run trains the epochs the folds chose"
+    # Fold runs: scored on their fold, the test split left alone, maps gathered from the base cache entries.
+    folds = sorted(report_dir.glob("select/*/candidate0-fold*/metrics.json"))
+    assert len(folds) == FOLD_RUNS
+    for path in folds:
+        fold = json.loads(path.read_text())
+        assert fold["test"] is None and not (path.parent / "test_predictions.csv").exists()
     v = results["verdict"]
     assert v["metric"] == "acc" and v["shots"] == "6" and v["winner"] in {"frozen", "partial", "finetune", "scratch"}
     assert {c["regime"] for c in v["comparisons"]} == {"frozen", "partial", "finetune", "scratch"} - {v["winner"]}
@@ -140,7 +159,7 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
 
     monkeypatch.setattr(runs_mod, "run_regime", must_not_train)
     compare_main(overrides)
-    assert capsys.readouterr().out.count("done earlier") == 16
+    assert capsys.readouterr().out.count("done earlier") == 16 + FOLD_RUNS
 
 
 def test_time_budget_skips_runs_and_the_report_says_which(comparison, capsys):
@@ -154,7 +173,7 @@ def test_time_budget_skips_runs_and_the_report_says_which(comparison, capsys):
     (report_dir / "runs" / "scratch-shots3-seed1" / "metrics.json").unlink()
     compare_main([*overrides, "compare.time_budget_s=0"])
     out = capsys.readouterr().out
-    assert "scratch, seed 1, shots 3: not run" in out and out.count("done earlier") == 15
+    assert "scratch, seed 1, shots 3: not run" in out and out.count("done earlier") == 15 + FOLD_RUNS
     results = json.loads((report_dir / "results.json").read_text())
     assert results["not_run"] == [{"regime": "scratch", "seed": 1, "shots_per_class": "3"}]
     assert len(results["runs"]) == 15
@@ -202,7 +221,7 @@ def test_verdict_one_standard_error_rule_and_paired_differences():
         # finetune has the best validation score, frozen is within one SE of it (50 images: SE ~0.036) and 100x
         # cheaper: frozen wins. scratch is far below on validation and on test.
         "frozen": _row([0.90, 0.91, 0.92], [0.93, 0.94, 0.95], [1, 1, 1], 3000),
-        "finetune": _row([0.92, 0.93, 0.94], [0.955, 0.96, 0.965], [100, 100, 100], 4_000_000, kept=3),
+        "finetune": _row([0.92, 0.93, 0.94], [0.955, 0.96, 0.965], [100, 100, 100], 4_000_000, kept=1),
         "scratch": _row([0.5, 0.52, 0.54], [0.50, 0.52, 0.54], [100, 100, 100], 4_000_000),
     }
     preds = {
@@ -220,10 +239,27 @@ def test_verdict_one_standard_error_rule_and_paired_differences():
     assert by["finetune"]["clear"] is False and by["finetune"]["p_value"] > 0.05
     assert by["scratch"]["clear"] is True and by["scratch"]["p_value"] < 0.001
     assert by["finetune"]["cost_ratio"] == pytest.approx(100.0)
-    assert v["kept_start"] == ["finetune"] and v["cheaper"] == []
+    assert v["kept_start"] == [] and v["cheaper"] == []  # 1 of 3 finetune runs kept its start: not all
     text = verdict_text(v, summary)
-    assert "within one standard error" in text and "Every finetune run kept its starting weights" in text
+    assert "within one standard error" in text
     assert "not a clear difference" in text and "On the test split **finetune** scores highest" in text
+
+
+def test_a_regime_that_kept_its_start_is_compared_but_cannot_win():
+    """Every partial run kept its start (a linear probe): its best selection score is the probe's, so it is named as
+    such and the winner is chosen among the regimes that trained."""
+    summary = {
+        "frozen": _row([0.90] * 3, [0.93] * 3, [5] * 3, 3000),
+        "partial": _row([0.95] * 3, [0.94] * 3, [1] * 3, 2_000_000, kept=3),
+        "scratch": _row([0.5] * 3, [0.5] * 3, [100] * 3, 4_000_000),
+    }
+    v = verdict(summary)
+    assert v["winner"] == "frozen" and v["best_selection"] == "frozen" and v["kept_start"] == ["partial"]
+    assert "partial" in {c["regime"] for c in v["comparisons"]} and v["cheaper"] == []
+    text = verdict_text(v, summary)
+    assert "Every partial run kept its starting weights" in text and "not a candidate to win" in text
+    everyone_kept = {r: _row([0.9] * 3, [0.9] * 3, [c] * 3, kept=3) for r, c in (("partial", 2), ("finetune", 1))}
+    assert verdict(everyone_kept)["winner"] == "finetune"  # all kept their start: the cheapest such
 
 
 def test_verdict_without_predictions_never_calls_a_difference_clear():

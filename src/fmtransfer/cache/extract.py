@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,8 +149,12 @@ def ensure_feature_cache(
     extra_manifest: dict | None = None,
     channels_last: bool = False,
     pin_memory: bool = False,
+    gather: Callable[[], Sequence[RowSource]] | None = None,
 ) -> CacheResult:
     """Return the cached maps of ``split``, extracting them first if no complete entry matches.
+
+    ``gather``, for a split made of rows of other splits (a cross-validation fold), returns where each row's maps
+    already are; on a miss the entry is then assembled from those entries, not extracted.
 
     ``build_extractor`` is only called on a miss, so a cache hit never loads or runs the backbone. With a
     multi-process ``trainer_kwargs`` (``devices``/``num_nodes`` > 1: Lightning DDP) every rank extracts its part of
@@ -185,6 +189,10 @@ def ensure_feature_cache(
                 return CacheResult(found, hit=True, extract_seconds=0.0)
         if trainer.global_rank == 0:
             cache.remove_partials(backbone_name, split_name, key)
+        if gather is not None and not distributed:
+            manifest = {"fingerprint": key, "parts": parts, "split": split_name, **(extra_manifest or {})}
+            writer = cache.writer(backbone_name, split_name, key)
+            return gather_entry(writer, manifest, len(split), class_names, gather())
         start = time.perf_counter()
         extractor: FeatureMapExtractor = build_extractor()
         shapes = map_shapes(extractor, spec, tuple(data_config["input_size"]))
@@ -234,6 +242,58 @@ def ensure_feature_cache(
     if found is None:
         raise CacheError(f"the cache entry {final} was not published (see rank 0's error).")
     return CacheResult(found, hit=False, extract_seconds=seconds)
+
+
+FILE_KEYS = ("file", "file_bytes", "checksum")  # a level's file record, which publish writes anew
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """Rows ``source_rows`` of the cache entry ``entry`` go to rows ``rows`` of the entry being assembled."""
+
+    entry: CachedSplit
+    source_rows: np.ndarray
+    rows: np.ndarray
+
+
+def gather_entry(
+    writer: CacheEntryWriter, manifest: dict, num_samples: int, class_names: Sequence[str], sources: Sequence[RowSource]
+) -> CacheResult:
+    """Publish an entry whose rows are copied from other entries (same backbone, levels and preprocessing).
+
+    Its ``extract_seconds`` is the sources' extraction time in proportion to the rows taken: what extracting these
+    images cost, so a run's cost does not depend on whether its maps were gathered or extracted.
+    """
+    start = time.perf_counter()
+    first = sources[0].entry.manifest
+    levels = first["levels"]
+    shapes = {name: tuple(rec["shape"]) for name, rec in levels.items()}
+    dtype = DTYPES[next(iter(levels.values()))["dtype"]]
+    try:
+        writer.create(num_samples, shapes, dtype)
+        for src in sources:
+            labels = src.entry.labels()[src.source_rows]
+            writer.write(src.rows, labels, {name: src.entry.load(name)[src.source_rows] for name in shapes})
+        seconds = sum(
+            float(s.entry.manifest.get("extract_seconds") or 0.0) * len(s.source_rows) / max(1, s.entry.num_samples)
+            for s in sources
+        )
+        path = writer.publish(
+            {
+                **manifest,
+                "num_samples": num_samples,
+                "class_names": list(class_names),
+                "levels": {n: {k: v for k, v in rec.items() if k not in FILE_KEYS} for n, rec in levels.items()},
+                "created": now_iso(),
+                "extract_seconds": round(seconds, 3),
+                "gathered_from": sorted({str(s.entry.path) for s in sources}),
+                "gather_seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+    except BaseException:
+        writer.abort()
+        raise
+    return CacheResult(CachedSplit(path, FeatureCache.read_manifest(path)), hit=False, extract_seconds=0.0)
 
 
 def extraction_manifest(

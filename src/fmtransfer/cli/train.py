@@ -40,9 +40,16 @@ def summarise(metrics: dict) -> str:
     if "cache" in metrics:
         c = metrics["cache"]
         lines.append(f"cache     {'hit' if c['hit'] else 'built'} ({c['extract_seconds']:.1f} s extracting) {c['dir']}")
+    for name, scores, absent in (
+        ("val", v, "none (trained on the whole labelled pool, data.cv.refit)"),
+        ("test", t, "not evaluated (a cross-validation fold, data.cv.fold)"),
+    ):
+        if scores:
+            absent = (
+                f"acc {scores['acc']:.4f}  f1_macro {scores['f1_macro']:.4f}  balanced_acc {scores['balanced_acc']:.4f}"
+            )
+        lines.append(f"{name:<10}{absent}")
     lines += [
-        f"val       acc {v['acc']:.4f}  f1_macro {v['f1_macro']:.4f}  balanced_acc {v['balanced_acc']:.4f}",
-        f"test      acc {t['acc']:.4f}  f1_macro {t['f1_macro']:.4f}  balanced_acc {t['balanced_acc']:.4f}",
         f"time      training {metrics['train_seconds']:.1f} s ({metrics['epochs']} epochs, "
         f"{metrics['trainable_params']:,} trainable parameters), run total {metrics['total_seconds']:.1f} s",
     ]

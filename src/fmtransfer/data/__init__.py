@@ -1,12 +1,13 @@
 """Data stage: load labelled images (``sources``), split them (``splits``), present them as tensors (``images``)."""
 
 from fmtransfer.data.images import ImageClassificationDataset, split_fingerprint, to_rgb
-from fmtransfer.data.prepare import PreparedData, prepare_data
+from fmtransfer.data.prepare import CrossValidation, PreparedData, prepare_data
 from fmtransfer.data.sources import DATA_SOURCES, load_image_dataset
 from fmtransfer.data.splits import make_splits, select_shots
 
 __all__ = [
     "DATA_SOURCES",
+    "CrossValidation",
     "ImageClassificationDataset",
     "PreparedData",
     "load_image_dataset",

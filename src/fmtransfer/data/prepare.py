@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import DatasetDict
+from datasets import DatasetDict, concatenate_datasets
 
 from fmtransfer.data.sources import DataSource, load_image_dataset
-from fmtransfer.data.splits import make_splits, rename_splits, select_shots
+from fmtransfer.data.splits import make_splits, rename_splits, select_shots, stratified_folds
 from fmtransfer.data.validate import BadImage, check_classes, drop_bad_images
 
 
@@ -24,6 +24,11 @@ class PreparedData:
     shots_per_class: int | None = None
     notes: list[str] = field(default_factory=list)
     skipped: list[BadImage] = field(default_factory=list)
+    # Under cross-validation (``data.cv``): the splits before folding, and where each row of a folded split comes
+    # from, ``{split: (base split names, row indices)}``, so its feature maps are gathered from the base splits'
+    # cache entries instead of being extracted again.
+    base_splits: DatasetDict | None = None
+    origin: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -45,6 +50,7 @@ def prepare_data(
     cache_dir: str | None = None,
     skip_bad: bool = False,
     csv_columns: dict[str, str] | None = None,
+    cv: CrossValidation | None = None,
 ) -> PreparedData:
     """Load ``path`` and return train/validation/test splits; k-shot subsampling applies to train only.
 
@@ -65,4 +71,65 @@ def prepare_data(
         split_source["train"] += f"; {shots_per_class} shots per class (seed {shots_seed})"
         notes.append(f"train subsampled to {shots_per_class} images per class (seed {shots_seed})")
     class_names = list(splits["train"].features["label"].names)
-    return PreparedData(splits, source, class_names, split_source, shots_per_class, notes, skipped)
+    prepared = PreparedData(splits, source, class_names, split_source, shots_per_class, notes, skipped)
+    return fold_splits(prepared, cv, split_seed) if cv is not None and (cv.fold is not None or cv.refit) else prepared
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """``data.cv``: which part of the labelled pool a run trains and validates on.
+
+    The pool is train + validation, or under k-shot only the k shots per class (a user with k labels has nothing
+    else). ``fold=i`` of ``folds``: train on the pool minus stratified fold i, validate on fold i. ``refit``: train
+    on the whole pool for ``epochs`` epochs, no validation (the settings and epochs were chosen by the folds).
+    """
+
+    folds: int = 5
+    fold: int | None = None
+    refit: bool = False
+    epochs: int | None = None
+
+
+def pool_of(prepared: PreparedData) -> tuple[list[str], np.ndarray]:
+    """The labelled pool as (base split of each row, row index in it)."""
+    names = ["train"] if prepared.shots_per_class is not None else ["train", "validation"]
+    splits = [(name, i) for name in names for i in range(len(prepared.splits[name]))]
+    return [s for s, _ in splits], np.asarray([i for _, i in splits], dtype=np.int64)
+
+
+def fold_splits(prepared: PreparedData, cv: CrossValidation, seed: int) -> PreparedData:
+    """``prepared`` with train/validation replaced by a fold of the pool (or the whole pool, to refit on)."""
+    base = prepared.splits
+    names, rows = pool_of(prepared)
+    pool = concatenate_datasets([base[n] for n in dict.fromkeys(names)])
+    labels = np.asarray(pool["label"])
+    if cv.refit:
+        train_idx = val_idx = np.arange(len(pool))
+        what = f"the whole labelled pool ({len(pool)} images: {' + '.join(dict.fromkeys(names))}), no validation"
+    else:
+        held = stratified_folds(labels, cv.folds, seed)[cv.fold]
+        train_idx, val_idx = np.setdiff1d(np.arange(len(pool)), held), held
+        what = f"pool minus fold {cv.fold + 1} of {cv.folds} ({len(train_idx)} images); validation: that fold"
+    splits = DatasetDict({"train": pool.select(train_idx), "validation": pool.select(val_idx), "test": base["test"]})
+    origin = {
+        split: ([names[i] for i in idx], rows[idx])
+        for split, idx in (("train", train_idx), ("validation", val_idx))
+        # A split that is its base split unchanged (a k-shot refit's train) is its base: its cache entry is the same.
+        if not (
+            len(idx) == len(base[split])
+            and all(names[i] == split for i in idx)
+            and (rows[idx] == np.arange(len(idx))).all()
+        )
+    }
+    split_source = {**prepared.split_source, **{s: f"cross-validation: {what}" for s in ("train", "validation")}}
+    return PreparedData(
+        splits,
+        prepared.source,
+        prepared.class_names,
+        split_source,
+        prepared.shots_per_class,
+        [*prepared.notes, f"train: {what}"],
+        prepared.skipped,
+        base_splits=base,
+        origin=origin,
+    )

@@ -94,3 +94,19 @@ def select_shots(labels: np.ndarray, shots_per_class: int, seed: int) -> list[in
             )
         chosen.extend(rng.choice(idx, size=shots_per_class, replace=False).tolist())
     return sorted(chosen)
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """The held-out indices of each of ``folds`` stratified folds (seeded, each sorted); every class must have at
+    least ``folds`` images (``cv_folds_for`` says how many folds a pool allows)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [np.sort(held) for _, held in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def cv_folds_for(labels: np.ndarray, folds: int) -> int:
+    """``folds``, lowered to the smallest class count (a stratified fold needs an image of every class); 0 when a
+    class has a single image (no fold can hold one out and still train on it)."""
+    smallest = int(np.bincount(labels)[np.unique(labels)].min())
+    return min(int(folds), smallest) if smallest >= 2 else 0

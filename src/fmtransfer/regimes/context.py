@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -22,11 +23,11 @@ from fmtransfer.backbone import (
     describe_backbone,
     resolve_data_config,
 )
-from fmtransfer.cache import CacheResult, CacheSpec, FeatureCache, ensure_feature_cache
-from fmtransfer.data import PreparedData, prepare_data
+from fmtransfer.cache import CacheResult, CacheSpec, FeatureCache, RowSource, ensure_feature_cache
+from fmtransfer.data import CrossValidation, PreparedData, prepare_data
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import per_class_table
-from fmtransfer.training import TrainingTools
+from fmtransfer.training import TrainingTools, epochs_for
 from fmtransfer.training.datamodules import SPLITS
 
 
@@ -51,6 +52,18 @@ class RunContext:
     def seed(self) -> int:
         return int(self.cfg.seed)
 
+    @property
+    def refit(self) -> bool:
+        """Training on the whole labelled pool for a number of epochs chosen by cross-validation: no validation."""
+        return bool(self.cfg.data.get("cv") and self.cfg.data.cv.refit)
+
+    def planned_epochs(self, num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+        """The epochs to train: chosen by cross-validation when refitting (``data.cv.epochs``), else ``epochs``
+        raised to ``min_steps``."""
+        if self.refit and self.cfg.data.cv.epochs is not None:
+            return int(self.cfg.data.cv.epochs)
+        return epochs_for(num_train, batch_size, epochs, min_steps)
+
     def cache_spec(self, levels: Sequence[LevelInfo], pool: str | None = None) -> CacheSpec:
         """``cache.*`` settings for ``levels`` (``pool`` overrides ``cache.pool``, e.g. ``none`` for full maps)."""
         c = self.cfg.cache
@@ -67,7 +80,8 @@ class RunContext:
             return built["extractor"]
 
         results = {split: self.cache_split(cache, split, cache_spec, build_extractor) for split in SPLITS}
-        for split in ("train", "validation"):  # the test split's extraction is evaluation, not the cost of a model
+        # The test split's extraction is evaluation, not the cost of a model; a refit's validation is its train.
+        for split in ("train",) if self.refit else ("train", "validation"):
             entry = results[split].split
             self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
         hit = all(c.hit for c in results.values())
@@ -77,11 +91,40 @@ class RunContext:
     def cache_split(
         self, cache: FeatureCache, split: str, cache_spec: CacheSpec, build_extractor: Callable[[], FeatureMapExtractor]
     ) -> CacheResult:
-        """One split's maps in ``cache``, from it or extracted now by ``build_extractor()`` (called on a miss)."""
+        """One split's maps in ``cache``, from it or extracted now by ``build_extractor()`` (called on a miss).
+
+        A cross-validation split's maps are gathered from the entries of the splits its rows come from (those are
+        the entries every other run of the comparison uses), never extracted again.
+        """
+        origin = self.data.origin.get(split)
+
+        def gather() -> list[RowSource]:
+            names, rows = origin
+            sources = []
+            for base in dict.fromkeys(names):
+                entry = self.ensure_entry(cache, base, self.data.base_splits[base], cache_spec, build_extractor)
+                mask = np.asarray([n == base for n in names])
+                sources.append(RowSource(entry.split, rows[mask], np.flatnonzero(mask)))
+            return sources
+
+        return self.ensure_entry(
+            cache, split, self.data.splits[split], cache_spec, build_extractor, gather if origin else None
+        )
+
+    def ensure_entry(
+        self,
+        cache: FeatureCache,
+        split: str,
+        dataset,
+        cache_spec: CacheSpec,
+        build_extractor: Callable[[], FeatureMapExtractor],
+        gather: Callable[[], list[RowSource]] | None = None,
+    ) -> CacheResult:
+        """``dataset``'s maps under the split name ``split``: found, gathered, or extracted."""
         return ensure_feature_cache(
             cache,
             split,
-            self.data.splits[split],
+            dataset,
             self.data.class_names,
             self.spec.name,
             self.spec.weights.identity(),
@@ -95,6 +138,7 @@ class RunContext:
             extra_manifest={"weights": self.spec.weights.label, "split_source": self.data.split_source[split]},
             channels_last=self.tools.placement.channels_last,
             pin_memory=self.tools.placement.cuda,
+            gather=gather,
         )
 
     def metrics(self, regime: str, results: dict, **extra) -> dict:
@@ -130,6 +174,8 @@ class RunContext:
             "test_confusion": results["test_confusion"],
             "best_checkpoint": results["best_checkpoint"],
             "selected": results["selected"],
+            # Epochs trained when validation was best (0: the start was kept); cross-validation's refit epochs.
+            "best_epoch": results.get("best_epoch"),
             "device": results["device"],
             "precision": {"training": results["precision"], "extraction": self.tools.precision.extraction},
             "channels_last": self.tools.placement.channels_last,
@@ -151,7 +197,7 @@ def test_with_per_class(results: dict, class_names: list[str]) -> dict:
     """``metrics.json``'s ``test``: the three metrics and ``per_class`` (precision, recall, F1, support per class)."""
     per_class = results.get("test_per_class")
     if not per_class:
-        return results["test"]
+        return results["test"]  # None for a cross-validation fold (not tested)
     return {**results["test"], "per_class": per_class_table(per_class, class_names)}
 
 
@@ -217,6 +263,7 @@ def load_data(cfg: DictConfig) -> PreparedData:
         cache_dir=str(Path(cfg.paths.data_dir) / "hf"),
         skip_bad=cfg.data.skip_bad,
         csv_columns=OmegaConf.to_container(d.csv_columns) if d.get("csv_columns") else None,
+        cv=CrossValidation(**OmegaConf.to_container(d.cv)) if d.get("cv") else None,
     )
 
 

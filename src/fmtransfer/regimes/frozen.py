@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,15 +44,19 @@ def fit_head(
     num_classes: int,
     features: nn.Module | None = None,
     callbacks: Sequence[pl.Callback] = (),
+    planned_epochs: Callable[[int, int, int, int], int] = epochs_for,
+    refit: bool = False,
 ) -> dict:
     """The configured head, its normaliser fitted on ``train_features``, trained on ``datamodule`` (whose inputs
-    ``features`` maps to the head's input, when given), selected on validation, tested once."""
+    ``features`` maps to the head's input, when given), selected on validation, tested once. ``planned_epochs``
+    turns (training size, batch size, epochs, min steps) into the epochs to train; ``refit``: no validation (a refit on
+    the whole labelled pool)."""
     reseed(tools.seed)
     dims = {k: int(v.shape[1]) for k, v in train_features.items()}
     head = build_head(head_cfg.name, dims, num_classes, **dict(head_cfg.options))
     head.normalizer.fit(train_features)
     num_train = len(next(iter(train_features.values())))
-    epochs = epochs_for(num_train, head_cfg.batch_size, head_cfg.epochs, head_cfg.min_steps)
+    epochs = planned_epochs(num_train, head_cfg.batch_size, head_cfg.epochs, head_cfg.min_steps)
     module = HeadClassifier(
         head,
         num_classes,
@@ -62,7 +66,8 @@ def fit_head(
         label_smoothing=head_cfg.label_smoothing,
         features=features,
     )
-    return fit_select_test(tools.fit_trainer(epochs, callbacks), module, datamodule, tools.seed)
+    trainer = tools.fit_trainer(epochs, callbacks, validate=not refit)
+    return fit_select_test(trainer, module, datamodule, tools.seed, refit=refit, evaluate_test=tools.evaluate_test)
 
 
 @dataclass
@@ -89,7 +94,16 @@ class FrozenRegime:
         )
         datamodule.setup("fit")  # the head's input sizes and normaliser come from the training features
         train_features = datamodule.sets["train"].features
-        results = fit_head(head_cfg, ctx.tools, train_features, datamodule, ctx.data.num_classes, callbacks=callbacks)
+        results = fit_head(
+            head_cfg,
+            ctx.tools,
+            train_features,
+            datamodule,
+            ctx.data.num_classes,
+            callbacks=callbacks,
+            planned_epochs=ctx.planned_epochs,
+            refit=ctx.refit,
+        )
         return ctx.metrics(
             self.name,
             results,

@@ -15,7 +15,7 @@ from torch import nn
 from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FixedBatchNormStats, to_channels_last
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
 from fmtransfer.regimes.context import RunContext, start_run
-from fmtransfer.training import ImageDataModule, TrainingTools, epochs_for, fit_select_test, reseed
+from fmtransfer.training import ImageDataModule, TrainingTools, fit_select_test, reseed
 
 
 @dataclass
@@ -56,7 +56,7 @@ class BackboneTraining:
         # (a FrozenModule prefix and fixed BatchNorm statistics stay in eval through their own train()).
         features.train()
         head.train()
-        epochs = epochs_for(len(ctx.data.splits["train"]), self.batch_size, self.epochs, self.min_steps)
+        epochs = ctx.planned_epochs(len(ctx.data.splits["train"]), self.batch_size, self.epochs, self.min_steps)
         module = HeadClassifier(
             head,
             ctx.data.num_classes,
@@ -66,14 +66,17 @@ class BackboneTraining:
             max_epochs=epochs,
             features=features,
         )
-        trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True)
-        return fit_select_test(trainer, module, datamodule, ctx.seed)
+        trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True, validate=not ctx.refit)
+        return fit_select_test(
+            trainer, module, datamodule, ctx.seed, refit=ctx.refit, evaluate_test=ctx.tools.evaluate_test
+        )
 
 
 def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearProbeHead:
     """A linear head on ``pre_logits``; with ``probe_init`` it starts as a probe fitted on the frozen features (LP-FT).
 
     The frozen pre-logits come from the feature cache (a hit when the frozen regime ran with the same settings).
+    A refit (no validation split) fits the probe for its full number of steps.
     """
     pre = next(lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS)
     if probe_init:
@@ -82,8 +85,10 @@ def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearPro
     reseed(ctx.seed)
     head = LinearProbeHead({PRE_LOGITS: pre.channels}, ctx.data.num_classes)
     if probe_init:
-        loss = fit_probe_in_place(head, train.features, train.labels, validation=(val.features, val.labels))
-        print(f"[{regime}] head starts as a linear probe on frozen pre_logits (validation loss {loss:.3f})")
+        validation = None if ctx.refit else (val.features, val.labels)
+        loss = fit_probe_in_place(head, train.features, train.labels, validation=validation)
+        what = "training loss" if ctx.refit else "validation loss"
+        print(f"[{regime}] head starts as a linear probe on frozen pre_logits ({what} {loss:.3f})")
     return head
 
 

@@ -50,7 +50,8 @@ def learning_curves(runs: dict[str, Path]) -> bytes:
             ax_loss.plot(*zip(*log["train/loss"], strict=True), marker=".", label=regime)
     ax_acc.set(title="validation accuracy", xlabel="epoch")
     ax_loss.set(title="training loss", xlabel="epoch", yscale="log")
-    ax_acc.legend()
+    if ax_acc.get_legend_handles_labels()[0]:
+        ax_acc.legend()
     return _png(fig)
 
 

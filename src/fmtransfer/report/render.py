@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fmtransfer.report import plots
 from fmtransfer.report.paired import RESAMPLES
+from fmtransfer.report.verdict import selection_score
 
 MEMORY_KINDS = {"gpu_max_allocated": "GPU", "cpu_rss_increase": "RSS"}
 METRIC_LABELS = {"acc": "accuracy", "f1_macro": "macro-F1", "balanced_acc": "balanced accuracy"}
@@ -39,17 +40,17 @@ def verdict_text(verdict: dict, summary: dict) -> str:
     n = len(w["seeds"])
     best = verdict["best_selection"]
     why = (
-        f"the best validation {label}"
+        f"the best selection {label}"
         if best == winner
         else (
-            f"the cheapest regime within one standard error of the best validation {label} ({best}: "
-            f"{sel[best]['score']:.3f} ± {sel[best]['se']:.3f})"
+            f"the cheapest regime within one standard error of the best selection {label} ({best}: "
+            f"{score_text(sel[best])})"
         )
     )
     lines = [
         f"**{winner}** wins with {'all training images' if shots == 'all' else f'{shots} images per class'}: {why}, "
-        f"{sel[winner]['score']:.3f} ± {sel[winner]['se']:.3f} on {sel[winner]['n_scored']} validation images "
-        f"(mean of {n} seed{'s' if n > 1 else ''}). Test {label} {test['mean']:.3f} (95% CI {test['ci95'][0]:.3f}–"
+        f"{score_text(sel[winner])} on {sel[winner]['n_scored']} labelled images "
+        f"({protocol_text(w.get('selection'), n)}). Test {label} {test['mean']:.3f} (95% CI {test['ci95'][0]:.3f}–"
         f"{test['ci95'][1]:.3f}, test images resampled, seeds averaged); {w['trainable_params']:,} trainable "
         f"parameters, {verdict['cost_seconds'][winner]:.1f} s (training + feature extraction)."
     ]
@@ -64,19 +65,69 @@ def verdict_text(verdict: dict, summary: dict) -> str:
         )
     for regime in verdict["kept_start"]:
         probe = " (a linear probe on the frozen features)" if regime in ("partial", "finetune") else ""
+        how = KEPT_HOW.get(protocol_of(rows[regime]), KEPT_HOW["validation"])
         lines.append(
-            f"Every {regime} run kept its starting weights (no epoch improved the validation loss): what {regime} "
-            f"reports is its start{probe}."
+            f"Every {regime} run kept its starting weights ({how}): what it reports is its start{probe}, so it is "
+            "compared but not a candidate to win."
         )
     if verdict["best_on_test"] != winner:
         lines.append(
-            f"On the test split **{verdict['best_on_test']}** scores highest; the winner is chosen on validation, as "
-            f"a user without test labels would, and the paired intervals above say whether that gap is real."
+            f"On the test split **{verdict['best_on_test']}** scores highest; the winner is chosen on labelled "
+            f"training data only, as a user without test labels would, and the paired intervals above say whether "
+            f"that gap is real."
         )
     if verdict["cheaper"]:
         gaps = ", ".join(f"{c['regime']} ({-c['score_gap'] * 100:+.1f} points)" for c in verdict["cheaper"])
-        lines.append(f"Cheaper than the winner but more than one standard error below it on validation: {gaps}.")
+        lines.append(f"Cheaper than the winner but more than one standard error below it on selection: {gaps}.")
     return "\n".join(lines)
+
+
+KEPT_HOW = {
+    "cv": "no cross-validation fold improved on them, so the final runs train 0 epochs",
+    "validation": "no epoch improved the validation loss",
+}
+
+
+def score_text(sel: dict) -> str:
+    return "no score" if sel["score"] is None else f"{sel['score']:.3f} ± {sel['se']:.3f}"
+
+
+def protocol_of(row: dict) -> str:
+    return (row.get("selection") or {}).get("protocol") or "validation"
+
+
+def protocol_text(selection: dict | None, seeds: int) -> str:
+    """How a regime's selection score was computed, for the verdict and the tables."""
+    protocol = (selection or {}).get("protocol") or "validation"
+    if protocol == "cv":
+        return f"{selection['folds']}-fold cross-validation over train + validation, once for all seeds"
+    if protocol == "none":
+        return "no selection: a class has a single labelled image"
+    return f"the validation split, mean of {seeds} seed{'s' if seeds > 1 else ''}"
+
+
+def selection_cell(row: dict) -> str:
+    """Selection accuracy ± its binomial standard error over the images scored, and how it was scored."""
+    if not row["val"]:
+        return "–"
+    sel = selection_score(row, "acc")
+    return f"{sel['score']:.3f} ± {sel['se']:.3f} ({protocol_short(row.get('selection'))})"
+
+
+def protocol_short(selection: dict | None) -> str:
+    protocol = (selection or {}).get("protocol") or "validation"
+    return f"{selection['folds']}-fold CV" if protocol == "cv" else protocol
+
+
+def chosen_text(selection: dict | None) -> str:
+    """The chosen candidate of a regime's sweep, and the final runs' epochs under cross-validation."""
+    if not selection:
+        return "–"
+    settings = selection.get("settings") or {}
+    overrides = " ".join(settings.get("overrides") or []) or "configured"
+    n = len(selection.get("candidates") or [])
+    epochs = settings.get("epochs")
+    return f"{overrides}{f' (of {n})' if n > 1 else ''}{f'; {epochs} epochs' if epochs is not None else ''}"
 
 
 def fmt_interval(s: dict | None) -> str:
@@ -92,8 +143,9 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
         "regime",
         *(f"test {METRIC_LABELS[m]}" for m in METRIC_LABELS),
         "test accuracy, 95% CI over test images",
-        "val accuracy",
-        "validation images",
+        "selection accuracy",
+        "images scored",
+        "chosen (of the sweep)",
         "trainable params",
         "train time (s)",
         "cost (s)",
@@ -113,8 +165,9 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
                 regime,
                 *(fmt_summary(s["test"][m]) for m in METRIC_LABELS),
                 fmt_interval(s.get("test_bootstrap", {}).get("acc")),
-                fmt_summary(s["val"]["acc"]),
-                str(s.get("n_scored") or "?"),
+                selection_cell(s),
+                str(s.get("n_scored") or "–"),
+                chosen_text(s.get("selection")),
                 f"{s['trainable_params']:,}",
                 f"{s['train_seconds']['mean']:.1f} ± {s['train_seconds']['std']:.1f}",
                 f"{s['cost_seconds']:.1f}",
@@ -129,9 +182,11 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
 
 
 KEPT_START_NOTE = (
-    "kept start: runs in which no epoch of training lowered the validation loss below that of the starting "
-    "weights, so the starting weights were kept (for partial and finetune the start is a linear probe on the frozen "
-    "features: such a run scores as that probe does)."
+    "kept start: runs whose selection found no epoch of training better than the starting weights (under "
+    "cross-validation: in every fold; else on the validation loss), so the starting weights were kept (for partial "
+    "and finetune the start is a linear probe on the frozen features: such a run scores as that probe does). "
+    "selection accuracy: the score the regime's settings were chosen on (cross-validated over train + validation, "
+    "or on a given validation split of 200+ images); the test split is touched once per final run."
 )
 
 
@@ -168,15 +223,28 @@ def per_class_table(results: dict) -> list[list[str]] | None:
     return rows
 
 
+def curve_run(record: dict) -> Path:
+    """The run whose per-epoch validation curve shows how a regime's epochs were chosen: its chosen setting's first
+    fold under cross-validation, else the run itself."""
+    sel = record.get("selection") or {}
+    chosen = (sel.get("settings") or {}).get("overrides")
+    for cand in sel.get("candidates") or []:
+        if cand.get("overrides") == chosen and cand.get("run_dirs") and sel.get("protocol") == "cv":
+            return Path(cand["run_dirs"][0])
+    return Path(record["run_dir"])
+
+
 def figures(results: dict) -> dict[str, tuple[str, bytes]]:
     """name -> (caption, PNG) for every figure the data supports."""
     shots = results["verdict"]["shots"]
     winner = results["verdict"]["winner"]
-    first_seed = {r["regime"]: Path(r["run_dir"]) for r in reversed(results["runs"]) if r["shots_per_class"] == shots}
+    curves = {r["regime"]: curve_run(r) for r in reversed(results["runs"]) if r["shots_per_class"] == shots}
     out = {
         "learning_curves": (
-            f"Learning curves ({shots} shots, seed {min(r['seed'] for r in results['runs'])})",
-            plots.learning_curves(dict(sorted(first_seed.items()))),
+            f"Learning curves ({shots} shots): the first cross-validation fold of each regime's chosen setting "
+            f"(validation = the held-out fold; the final runs retrain on the whole pool without one), or the first "
+            f"seed's run where a given validation split chose",
+            plots.learning_curves(dict(sorted(curves.items()))),
         )
     }
     confusion = [
@@ -244,7 +312,10 @@ def sections(results: dict) -> list[tuple[str, str]]:
             f"Dataset `{results['dataset']}`, backbone `{results['backbone']}` (frozen regime head: "
             f"`{results['frozen_head']}`), preset **{results['preset']}**: {results['preset_note']} "
             f"Same splits for every run (split seed fixed); seeds {sorted({r['seed'] for r in results['runs']})}. "
-            f"Checkpoints are selected on the validation split; each run touches the test split once. "
+            f"Each regime's settings and epochs are chosen on labelled data only, once per shots setting: "
+            f"stratified k-fold cross-validation over train + validation (under k-shot only the k shots per class), "
+            f"then every seed's final run retrains on that pool and touches the test split once; a given validation "
+            f"split of compare.selection.min_scored images or more is used as it is. "
             f"Numbers are mean ± std [95% CI] over seeds, except where the 95% interval is over test images "
             f"(bootstrap, seeds averaged). Cost: training time + building the train/validation feature caches a "
             f"regime reads (what running that regime alone would take)." + not_run_text(results.get("not_run", [])),

@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from fmtransfer.analysis import transfer_by_depth
 from fmtransfer.errors import ConfigError
 from fmtransfer.hashing import mapping_key, source_fingerprint
+from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.regimes import run_regime, with_regime
+from fmtransfer.report.selection import Selection, final_config, select
 
 RUN_FIELDS = (
     "regime",
@@ -51,7 +53,14 @@ def report_dir_for(cfg: DictConfig) -> Path:
         identity.pop(volatile, None)
     identity["trainer"].pop("progress_bar", None)
     identity["code"] = source_fingerprint()
-    identity["compare"] = {"regimes": list(c.regimes), "seeds": list(c.seeds), "shots": [shots_key(s) for s in c.shots]}
+    identity["compare"] = {
+        "regimes": list(c.regimes),
+        "seeds": list(c.seeds),
+        "shots": [shots_key(s) for s in c.shots],
+        # How settings are chosen changes the fold runs and the final runs.
+        "metric": c.get("metric"),
+        **{k: OmegaConf.to_container(c[k]) for k in ("selection", "folds", "sweep") if k in c},
+    }
     return Path(c.out_dir) / f"{c.name}-{c.preset}-{mapping_key(identity)}"
 
 
@@ -65,26 +74,15 @@ def run_config(cfg: DictConfig, regime: str, seed: int, shots) -> DictConfig:
     return run
 
 
-def plan_runs(cfg: DictConfig) -> list[tuple[str, int, str]]:
-    """(regime, seed, shots) of every run, "all" shots first: the headline numbers are ready even if a long
+def plan_groups(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(shots, regime) of every selection, "all" shots first: the headline numbers are ready even if a long
     comparison is stopped early."""
     c = cfg.compare
     unknown = [r for r in c.regimes if r not in cfg.regimes]
     if unknown:
         raise ConfigError(f"compare.regimes has {unknown}; choose from {sorted(cfg.regimes)}.")
     shots_order = sorted(c.shots, key=lambda s: (shots_key(s) != "all", 0 if shots_key(s) == "all" else int(s)))
-    return [(r, s, shots_key(k)) for k in shots_order for s in c.seeds for r in c.regimes]
-
-
-def selection_of(metrics: dict, metric: str) -> dict:
-    """How the run's checkpoint and the regime were chosen: the validation score, on how many labelled images, with
-    which settings."""
-    return {
-        "metric": metric,
-        "score": metrics["val"][metric],
-        "n_scored": metrics["split_sizes"]["validation"],
-        "settings": metrics.get("regime_config") or metrics.get("head"),
-    }
+    return [(shots_key(k), r) for k in shots_order for r in c.regimes]
 
 
 def extract_seconds_of(metrics: dict) -> float:
@@ -97,44 +95,106 @@ def extract_seconds_of(metrics: dict) -> float:
     return float(frozen or prefix or 0.0)
 
 
-def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Run (or reuse) every planned run; returns the records of those run, in plan order, and the planned runs not
-    started because ``compare.time_budget_s`` ran out (``{"regime", "seed", "shots_per_class"}`` each)."""
-    plan = plan_runs(cfg)
-    budget = cfg.compare.get("time_budget_s")
-    started = time.perf_counter()
-    records, skipped, longest = [], [], 0.0
-    for i, (regime, seed, shots) in enumerate(plan, 1):
-        run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
+class BudgetedRunner:
+    """Runs (or reuses) one run dir at a time within ``compare.time_budget_s``: a run is started only if the
+    longest run so far would still end within the budget."""
+
+    def __init__(self, budget: float | None):
+        self.budget = budget
+        self.started = time.perf_counter()
+        self.longest = 0.0
+
+    def __call__(self, label: str, run_cfg: DictConfig, run_dir: Path) -> dict | None:
         done = run_dir / "metrics.json"
-        label = f"[compare {i}/{len(plan)}] {regime}, seed {seed}, shots {shots}"
         if done.is_file():
             print(f"{label}: done earlier, reusing {done}")
-            metrics = json.loads(done.read_text())
-        elif budget is not None and time.perf_counter() - started + longest > budget:
-            # A run is started only if the longest run so far would still end within the budget.
-            print(f"{label}: not run (compare.time_budget_s={budget} would be exceeded)")
-            skipped.append({"regime": regime, "seed": seed, "shots_per_class": shots})
-            continue
-        else:
-            print(f"{label}: running")
-            start = time.perf_counter()
-            metrics = run_regime(run_config(cfg, regime, seed, shots), run_dir)
-            seconds = time.perf_counter() - start
-            longest = max(longest, seconds)
-            print(f"{label}: test acc {metrics['test']['acc']:.4f} in {seconds:.0f} s")
-        record = {k: metrics.get(k) for k in RUN_FIELDS}
-        record.update(
-            shots_per_class=shots,
-            run_dir=str(run_dir),
-            selection=selection_of(metrics, cfg.compare.metric),
-            extract_seconds=extract_seconds_of(metrics),
-            test_predictions=str(run_dir / metrics["test_predictions"]) if metrics.get("test_predictions") else None,
+            return json.loads(done.read_text())
+        if self.budget is not None and time.perf_counter() - self.started + self.longest > self.budget:
+            print(f"{label}: not run (compare.time_budget_s={self.budget} would be exceeded)")
+            return None
+        print(f"{label}: running")
+        start = time.perf_counter()
+        metrics = run_regime(run_cfg, run_dir)
+        seconds = time.perf_counter() - start
+        self.longest = max(self.longest, seconds)
+        scored = (
+            f"test acc {metrics['test']['acc']:.4f}" if metrics["test"] else f"fold acc {metrics['val']['acc']:.4f}"
         )
-        records.append(record)
+        print(f"{label}: {scored} in {seconds:.0f} s")
+        return metrics
+
+
+def run_record(metrics: dict, run_dir: Path, shots: str, selection: Selection) -> dict:
+    """One final run as ``results.json`` lists it; ``val`` is the selection's score (cross-validated, or the given
+    validation split's), ``selected`` says when the folds kept the regime's start."""
+    record = {k: metrics.get(k) for k in RUN_FIELDS}
+    record.update(
+        shots_per_class=shots,
+        run_dir=str(run_dir),
+        selection=selection.as_record(),
+        extract_seconds=extract_seconds_of(metrics),
+        test_predictions=str(run_dir / metrics["test_predictions"]) if metrics.get("test_predictions") else None,
+    )
+    if selection.protocol == "cv":
+        record["val"] = selection.scores
+        if selection.kept_start:
+            record["selected"] = "initial state (no cross-validation fold improved on the starting weights)"
+    elif selection.protocol == "none":
+        record["val"] = None
+    return record
+
+
+def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Select, then run (or reuse) the final runs of every (regime, shots); returns the records of the final runs
+    done, and the planned final runs not started because ``compare.time_budget_s`` ran out (``{"regime", "seed",
+    "shots_per_class"}`` each)."""
+    runner = BudgetedRunner(cfg.compare.get("time_budget_s"))
+    seeds = list(cfg.compare.seeds)
+    groups = plan_groups(cfg)
+    records, skipped = [], []
+    for g, (shots, regime) in enumerate(groups, 1):
+        base = run_config(cfg, regime, seeds[0], shots)
+        select_dir = report_dir / "select" / f"{regime}-shots{shots}"
+        selection = select(cfg, regime, shots, select_dir, runner, base)
+        if not selection.complete:
+            skipped += [{"regime": regime, "seed": s, "shots_per_class": shots} for s in seeds]
+            continue
+        print(f"[compare {g}/{len(groups)}] {regime}, shots {shots}: {describe_selection(selection)}")
+        group = []
+        for seed in seeds:
+            run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
+            final = final_config(run_config(cfg, regime, seed, shots), selection)
+            metrics = runner(f"[compare {g}/{len(groups)}] {regime}, seed {seed}, shots {shots}", final, run_dir)
+            if metrics is None:
+                skipped.append({"regime": regime, "seed": seed, "shots_per_class": shots})
+                continue
+            group.append((metrics, run_dir))
+        if selection.protocol == "validation" and selection.score is None and group:
+            # One candidate on a large given validation split: the final runs are its selection runs.
+            selection.scores = {m: sum(x["val"][m] for x, _ in group) / len(group) for m in METRIC_NAMES}
+            selection.score = selection.scores[cfg.compare.metric]
+            selection.n_scored = int(group[0][0]["split_sizes"]["validation"])
+        records += [run_record(metrics, run_dir, shots, selection) for metrics, run_dir in group]
     if not records:
-        raise ConfigError(f"compare.time_budget_s={budget}: the budget ran out before any run finished; raise it.")
+        raise ConfigError(
+            f"compare.time_budget_s={cfg.compare.get('time_budget_s')}: the budget ran out before any final run "
+            "finished; raise it."
+        )
     return records, skipped
+
+
+def describe_selection(selection: Selection) -> str:
+    """One line for the log: how the settings were chosen."""
+    chosen = " ".join(selection.overrides) or "the configured settings"
+    if selection.protocol == "none":
+        return f"no selection (a class has one labelled image): {chosen}, trained on the pool"
+    if selection.protocol == "validation":
+        return f"{chosen}, chosen on the given validation split"
+    return (
+        f"{chosen}: {selection.folds}-fold CV {selection.metric} {selection.score:.4f} on {selection.n_scored} "
+        f"images; final runs retrain on the pool for {selection.epochs} epochs"
+        f"{' (every fold kept its start)' if selection.kept_start else ''}"
+    )
 
 
 def depth_curve(records: list[dict]) -> dict | None:

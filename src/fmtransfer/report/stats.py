@@ -36,7 +36,11 @@ def summarise_runs(records: list[dict]) -> dict:
         for shots, recs in by_shots.items():
             summary[regime][shots] = (
                 {
-                    split: {m: summarise([r[split][m] for r in recs], bounds=(0.0, 1.0)) for m in METRIC_NAMES}
+                    split: (
+                        {m: summarise([r[split][m] for r in recs], bounds=(0.0, 1.0)) for m in METRIC_NAMES}
+                        if all(r.get(split) for r in recs)
+                        else None  # no selection score (a class with a single labelled image)
+                    )
                     for split in ("test", "val")
                 }
                 | {
@@ -48,6 +52,7 @@ def summarise_runs(records: list[dict]) -> dict:
                     "cost_seconds": sum(r["train_seconds"] + (r.get("extract_seconds") or 0.0) for r in recs)
                     / len(recs),
                     "n_scored": (recs[0].get("selection") or {}).get("n_scored"),
+                    "selection": recs[0].get("selection"),
                     "trainable_params": recs[0]["trainable_params"],
                     "peak_memory_kind": recs[0]["peak_memory_kind"],
                     "image_size": recs[0]["image_size"],

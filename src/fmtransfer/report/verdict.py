@@ -1,9 +1,9 @@
-"""Deciding a comparison: which regime wins (chosen on validation), by how much on test, at what cost.
+"""Deciding a comparison: which regime wins (chosen on labelled data only), by how much on test, at what cost.
 
-- Selection: each regime's validation score (``compare.metric``, mean over seeds) with its standard error over the
-  ``n_scored`` validation images. The one-standard-error rule: among the regimes whose score is within one standard
-  error of the best, the cheapest wins (cost = training time + building the train/validation caches it reads), because
-  on small validation sets smaller gaps than that are noise.
+- Selection: each regime's selection score (``compare.metric``; cross-validated over the labelled pool, or a large
+  given validation split: ``report.selection``) with its standard error over the ``n_scored`` images scored. The
+  one-standard-error rule: among the regimes whose score is within one standard error of the best, the cheapest wins
+  (cost = training time + building the train/validation caches it reads), because smaller gaps than that are noise.
 - Test: the winner against every other regime on the same test images, a paired bootstrap of the seed-averaged
   metric (``report.paired``); ``clear`` only when the paired 95% interval of the difference excludes 0.
 
@@ -30,6 +30,8 @@ def selection_score(row: dict, metric: str) -> dict:
     """``{"metric", "score", "se", "n_scored"}``: the mean validation score and its binomial standard error over the
     validation images (for accuracy; an approximation for the macro averages). Agresti-Coull's adjusted proportion
     keeps the error above 0 at a perfect score: 112 of 112 right does not mean no uncertainty."""
+    if not row.get("val"):  # no selection was possible (a class with a single labelled image)
+        return {"metric": metric, "score": None, "se": 0.0, "n_scored": 0}
     score = float(row["val"][metric]["mean"])
     n = int(row.get("n_scored") or 0)
     adjusted = (score * n + 2) / (n + 4)
@@ -50,10 +52,17 @@ def verdict(summary: dict, metric: str = "acc", paired: dict | None = None) -> d
     rows = {r: by[shots] for r, by in summary.items() if shots in by}
     selection = {r: selection_score(row, metric) for r, row in rows.items()}
     cost = {r: float(row["cost_seconds"]) for r, row in rows.items()}
-    best = max(rows, key=lambda r: (selection[r]["score"], -cost[r]))
-    threshold = selection[best]["score"] - selection[best]["se"]
-    within = [r for r in rows if selection[r]["score"] >= threshold]
-    winner = min(within, key=lambda r: (cost[r], -selection[r]["score"]))
+    # Unscored regimes (1-shot: nothing to hold out) rank below every scored one; with none scored, the cheapest wins.
+    score = {r: -1.0 if selection[r]["score"] is None else selection[r]["score"] for r in rows}
+    # A regime every run of which kept its start trained nothing: what it reports is its start (for partial and
+    # finetune a linear probe on the frozen features, the frozen regime's ground). It is compared, not crowned,
+    # unless every regime kept its start.
+    kept = [r for r, row in rows.items() if row["kept_start"] and row["kept_start"] == len(row["seeds"])]
+    eligible = [r for r in rows if r not in kept] or list(rows)
+    best = max(eligible, key=lambda r: (score[r], -cost[r]))
+    threshold = score[best] - selection[best]["se"]
+    within = [r for r in eligible if score[r] >= threshold]
+    winner = min(within, key=lambda r: (cost[r], -score[r]))
 
     preds = (paired or {}).get("preds", {})
     comparisons = []
@@ -87,16 +96,16 @@ def verdict(summary: dict, metric: str = "acc", paired: dict | None = None) -> d
         "cost_seconds": cost,
         "comparisons": comparisons,
         # Regimes every run of which kept its starting weights: what they report is their start (e.g. a linear probe).
-        "kept_start": [r for r, row in rows.items() if row["kept_start"] and row["kept_start"] == len(row["seeds"])],
+        "kept_start": kept,
         "best_on_test": max(test_means, key=test_means.get),
         # Cheaper than the winner: outside the one-SE band by construction; listed with their selection gap.
         "cheaper": [
             {
                 "regime": r,
                 "cost_ratio": cost[r] / cost[winner],
-                "score_gap": selection[winner]["score"] - selection[r]["score"],
+                "score_gap": score[winner] - score[r],
             }
-            for r in sorted(rows, key=cost.get)
+            for r in sorted(eligible, key=cost.get)
             if cost[r] < cost[winner]
         ],
     }

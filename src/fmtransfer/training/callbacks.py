@@ -30,6 +30,31 @@ class EpochTimer(pl.Callback):
         self._t = None
 
 
+class BestEpoch(pl.Callback):
+    """The number of epochs trained when ``monitor`` was last at its best on validation (0: never scored), which
+    cross-validation averages into the epochs of the final training on the whole pool. Saved in checkpoints, so a
+    resumed run keeps it."""
+
+    def __init__(self, monitor: str, mode: str):
+        self.monitor, self.mode = monitor, mode
+        self.best_score: float | None = None
+        self.epochs = 0
+
+    def on_validation_end(self, trainer, pl_module):
+        # Only validations during fit count (not the sanity check, nor trainer.validate calls before or after).
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score):
+            self.best_score, self.epochs = score, trainer.current_epoch + 1
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_score, self.epochs = state_dict["best_score"], state_dict["epochs"]
+
+
 class PeakMemory(pl.Callback):
     """Peak memory of ``trainer.fit`` (as a callback) or of a ``with`` block: the CUDA allocator's peak on a GPU,
     else the peak process RSS above the start, sampled every 20 ms from /proc (no extra dependency).

@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier
 from fmtransfer.metrics import METRIC_NAMES
-from fmtransfer.training.callbacks import EpochTimer, PeakMemory
+from fmtransfer.training.callbacks import BestEpoch, EpochTimer, PeakMemory
 
 START_FILE = "start.pt"  # in the checkpoint dir: {"score": validation loss, "state_dict": starting weights}
 
@@ -86,12 +86,19 @@ def fit_select_test(
     datamodule: pl.LightningDataModule,
     seed: int,
     include_start: bool = True,
+    refit: bool = False,
+    evaluate_test: bool = True,
 ) -> dict:
     """Train ``module`` on ``datamodule``; pick the checkpoint on validation; evaluate the test split once, with it.
 
     ``trainer`` comes with its callbacks (a monitoring ``ModelCheckpoint`` at least; ``EpochTimer`` and
     ``PeakMemory`` when present). A resume point (``last.ckpt``) left by an interrupted run is resumed from.
+    ``refit``: the trainer runs no validation (its epochs were chosen by cross-validation); the weights after the
+    last epoch are the model (with 0 epochs: the starting weights, e.g. the linear probe of LP-FT).
+    ``evaluate_test=False`` (a cross-validation fold): no test evaluation; ``test`` is None.
     """
+    if refit:
+        return _refit_test(trainer, module, datamodule, seed)
     best, last = _checkpoints(trainer)
     last_path = Path(last.dirpath) / f"{last.filename}.ckpt" if last is not None else None
     resuming = last_path is not None and last_path.is_file()
@@ -102,34 +109,77 @@ def fit_select_test(
     began = time.perf_counter()
     if include_start and best.monitor == "val/loss" and best.mode == "min":
         start_score = _starting_score(trainer, module, datamodule, best.monitor, store)
+    best_epoch = BestEpoch(best.monitor, best.mode)
+    trainer.callbacks.append(best_epoch)
     reseed(seed)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_path) if resuming else None)
     train_seconds = time.perf_counter() - start
     selected, best_path = "best epoch", str(best.best_model_path)
-    if start_score is not None and (best.best_model_score is None or start_score < float(best.best_model_score)):
+    kept_start = start_score is not None and (
+        best.best_model_score is None or start_score < float(best.best_model_score)
+    )
+    if kept_start:
         module.load_state_dict(torch.load(store, map_location="cpu", weights_only=True)["state_dict"])
         best_path = str(Path(best.dirpath) / "initial.ckpt")
         trainer.save_checkpoint(best_path)
         selected = "initial state (no epoch improved the validation loss)"
     # Model selection used validation only; the test split is evaluated once, with the selected weights.
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0] if evaluate_test else None
     phases = {
         "start_score": start - began,
         "fit": train_seconds,
         "final_evaluation": time.perf_counter() - start - train_seconds,
     }
-    timer, memory = _callback(trainer, EpochTimer), _callback(trainer, PeakMemory)
-    epoch_seconds = timer.seconds if timer is not None else []
     return {
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
-        "test": {m: round(float(test[f"test/{m}"]), 6) for m in METRIC_NAMES},
-        "test_per_class": module.test_per_class,
-        "test_confusion": module.test_confusion,
-        "test_predictions": module.test_predictions,
+        "best_epoch": 0 if kept_start else best_epoch.epochs,
+        **_test_results(trainer, module, test, train_seconds, phases),
         "best_checkpoint": best_path,
         "selected": selected,
+    }
+
+
+def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, seed: int) -> dict:
+    """Train for the trainer's epochs without validation, save the final weights, evaluate the test split once."""
+    dirpath = next((Path(c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    # Nothing to monitor without validation: the selecting checkpoint would only warn.
+    trainer.callbacks = [c for c in trainer.callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
+    reseed(seed)
+    start = time.perf_counter()
+    if trainer.max_epochs:
+        trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    final_path = None
+    if dirpath is not None:
+        dirpath.mkdir(parents=True, exist_ok=True)
+        final_path = str(dirpath / "final.ckpt")
+        # Tensors only: loadable with torch.load(weights_only=True), and written whether or not fit ran.
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, final_path)
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    phases = {"fit": train_seconds, "final_evaluation": time.perf_counter() - start - train_seconds}
+    return {
+        "val": None,
+        "best_epoch": None,
+        **_test_results(trainer, module, test, train_seconds, phases),
+        "best_checkpoint": final_path,
+        "selected": f"final weights after {trainer.max_epochs} epochs (chosen by cross-validation)",
+    }
+
+
+def _test_results(
+    trainer: pl.Trainer, module: HeadClassifier, test: dict | None, train_seconds: float, phases: dict
+) -> dict:
+    """What every fit reports besides validation and selection: test metrics, sizes, times, memory, device."""
+    timer, memory = _callback(trainer, EpochTimer), _callback(trainer, PeakMemory)
+    epoch_seconds = timer.seconds if timer is not None else []
+    tested = test is not None
+    return {
+        "test": {m: round(float(test[f"test/{m}"]), 6) for m in METRIC_NAMES} if tested else None,
+        "test_per_class": module.test_per_class if tested else None,
+        "test_confusion": module.test_confusion if tested else None,
+        "test_predictions": module.test_predictions if tested else None,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "train_seconds": round(train_seconds, 3),
         "phase_seconds": phases,

@@ -31,16 +31,22 @@ class TrainingTools:
     extraction_kwargs: dict  # Trainer arguments for extraction (Trainer.predict): devices, precision, progress bar
     validations_per_run: int
     seed: int
+    # False for a cross-validation fold (``data.cv.fold``): it is scored on its held-out fold, and the test split is
+    # left to the final runs (each touches it once).
+    evaluate_test: bool = True
 
     def fit_trainer(
-        self, epochs: int, callbacks: Sequence[pl.Callback] = (), trains_backbone: bool = False
+        self, epochs: int, callbacks: Sequence[pl.Callback] = (), trains_backbone: bool = False, validate: bool = True
     ) -> pl.Trainer:
         """A Trainer for one fit of ``epochs`` epochs: fresh callbacks and loggers from config, plus ``callbacks``;
-        in the backbone's precision when the fit trains (part of) a backbone, else in the heads'."""
+        in the backbone's precision when the fit trains (part of) a backbone, else in the heads'. ``validate=False``
+        (a refit on the whole labelled pool) runs no validation loop."""
+        extra = {} if validate else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
         return self.make_trainer(
+            **extra,
             precision=self.precision.backbone if trains_backbone else self.precision.head,
             max_epochs=epochs,
-            check_val_every_n_epoch=validation_interval(epochs, self.validations_per_run),
+            check_val_every_n_epoch=validation_interval(max(1, epochs), self.validations_per_run),
             callbacks=[*self.make_callbacks(), *callbacks],
             logger=self.make_loggers() or False,
         )
@@ -73,4 +79,5 @@ def instantiate_training(cfg: DictConfig) -> TrainingTools:
         },
         validations_per_run=t.validations_per_run,
         seed=cfg.seed,
+        evaluate_test=not (cfg.data.get("cv") and cfg.data.cv.fold is not None),
     )

@@ -1,0 +1,160 @@
+"""Selection on every labelled image: stratified folds of the pool, fold runs that gather cached maps and leave the
+test split alone, refits on the whole pool, and a case where a tiny validation split misleads and CV does not."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmtransfer.cli.compare import resolve_preset
+from fmtransfer.cli.config import compose_config
+from fmtransfer.data import CrossValidation, prepare_data
+from fmtransfer.data.splits import cv_folds_for, stratified_folds
+from fmtransfer.errors import ConfigError
+from fmtransfer.regimes import load_data, run_regime
+from fmtransfer.report.runs import run_config
+from fmtransfer.report.selection import cv_settings, pooled_scores, select, with_overrides
+
+
+def test_stratified_folds_partition_the_pool_class_by_class():
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 5)
+    folds = stratified_folds(labels, 5, seed=0)
+    held = np.concatenate(folds)
+    assert sorted(held.tolist()) == list(range(len(labels))), "every image held out exactly once"
+    for fold in folds:
+        counts = np.bincount(labels[fold], minlength=3)
+        assert (counts >= 1).all() and counts[0] == 2, counts  # 10 images of class 0 over 5 folds: 2 each
+    assert [f.tolist() for f in stratified_folds(labels, 5, seed=0)] == [f.tolist() for f in folds]
+    assert cv_folds_for(labels, 5) == 5 and cv_folds_for(labels, 10) == 5  # the smallest class has 5 images
+    assert cv_folds_for(np.array([0, 0, 1]), 5) == 0  # a class with one image: nothing to hold out
+
+
+def test_folds_and_refit_are_made_of_the_pool(tmp_path):
+    """Real digits: a fold trains on the pool (train + validation) minus the fold and validates on the fold; under
+    k-shot the pool is the k shots; a refit trains on all of it. Rows map back to their base split."""
+    common = dict(cache_dir=str(tmp_path / "hf"), val_fraction=0.15, test_fraction=0.2, split_seed=0)
+    plain = prepare_data("sklearn:digits", **common)
+    pool = len(plain.splits["train"]) + len(plain.splits["validation"])
+    fold = prepare_data("sklearn:digits", **common, cv=CrossValidation(folds=5, fold=2))
+    assert len(fold.splits["train"]) + len(fold.splits["validation"]) == pool
+    assert len(fold.splits["validation"]) == pytest.approx(pool / 5, abs=10)
+    assert fold.splits["test"]["label"] == plain.splits["test"]["label"], "the test split is untouched"
+    for split in ("train", "validation"):
+        names, rows = fold.origin[split]
+        for i in (0, len(rows) // 2, len(rows) - 1):
+            base = plain.splits[names[i]][int(rows[i])]
+            row = fold.splits[split][i]
+            assert row["label"] == base["label"]
+            assert np.array_equal(np.asarray(row["image"]), np.asarray(base["image"]))
+    held = {(n, int(r)) for n, r in zip(*fold.origin["validation"], strict=True)}
+    trained = {(n, int(r)) for n, r in zip(*fold.origin["train"], strict=True)}
+    assert not held & trained and len(held | trained) == pool
+
+    shots = prepare_data("sklearn:digits", **common, shots_per_class=4, cv=CrossValidation(folds=2, fold=0))
+    assert len(shots.splits["train"]) + len(shots.splits["validation"]) == 40, "k-shot: the 4 shots, nothing else"
+    assert set(shots.origin["validation"][0]) == {"train"}
+    refit = prepare_data("sklearn:digits", **common, shots_per_class=4, cv=CrossValidation(refit=True, epochs=3))
+    assert len(refit.splits["train"]) == 40 and "train" not in refit.origin, "a k-shot refit's train is its base"
+
+
+def test_fold_run_gathers_cached_maps_and_skips_test_refit_trains_on_the_pool(tmp_path, tiny_overrides):
+    """A real frozen run on a fold: scored on the fold, test not evaluated, its maps gathered from the base entries
+    (not extracted); a refit trains a fixed number of epochs on the whole pool, tests once, and saves weights that
+    load with ``weights_only=True``."""
+    base = compose_config([*tiny_overrides, "data.shots_per_class=6"])
+    plain = run_regime(base, tmp_path / "plain")  # builds the base entries
+    fold = run_regime(cv_settings(base, folds=3, fold=1), tmp_path / "fold")
+    assert fold["test"] is None and fold["test_confusion"] is None
+    assert fold["split_sizes"]["train"] + fold["split_sizes"]["validation"] == 60
+    assert 0.0 <= fold["val"]["acc"] <= 1.0 and fold["best_epoch"] >= 0
+    assert not (tmp_path / "fold" / "test_predictions.csv").exists()
+    entries = fold["cache"]["entries"]
+    for split in ("train", "validation"):
+        manifest = json.loads((Path(entries[split]) / "manifest.json").read_text())
+        assert manifest["gathered_from"] == [plain["cache"]["entries"]["train"]], split
+        assert manifest["extract_seconds"] > 0, "the gathered rows' share of the extraction time"
+    assert entries["test"] == plain["cache"]["entries"]["test"]
+    # The gathered rows are the base rows.
+    from fmtransfer.cache import CachedSplit
+
+    def entry(path: str) -> CachedSplit:
+        return CachedSplit(Path(path), json.loads((Path(path) / "manifest.json").read_text()))
+
+    gathered, source = entry(entries["validation"]), entry(plain["cache"]["entries"]["train"])
+    rows = load_data(cv_settings(base, folds=3, fold=1)).origin["validation"][1]
+    assert np.array_equal(gathered.load("pre_logits"), source.load("pre_logits")[rows])
+    assert np.array_equal(gathered.labels(), source.labels()[rows])
+
+    refit = run_regime(cv_settings(base, refit=True, epochs=2), tmp_path / "refit")
+    assert refit["val"] is None and refit["epochs"] == 2 and refit["split_sizes"]["train"] == 60
+    assert refit["test"]["acc"] > 0.3, "6 shots of real digits beat chance (0.1)"
+    state = torch.load(refit["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("head.") for k in state)
+
+
+def _content_key(image) -> int:
+    return int(hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:8], 16)
+
+
+def test_a_tiny_validation_split_misleads_and_cross_validation_does_not(tmp_path):
+    """Two candidates with known per-image behaviour on real digits: A is right on ~90% of images, B on ~80% but on
+    every image of a 14-image validation split (what a lucky candidate looks like on tiny validation). Scored on that
+    split, B is chosen; cross-validated over the 1,438 pooled images, A is. The candidates' predictions are fixed
+    functions of the image (no training), so the test is about selection, which is what it checks; the splits,
+    folds and pooling are the product's own."""
+    overrides = ["compare.seeds=[0]", "compare.shots=[all]", "data.val_fraction=0.01", f"paths.data_dir={tmp_path}"]
+    cfg = resolve_preset([*overrides, "compare.sweep.frozen=[['head.lr=0.001'],['head.lr=0.002']]"])
+    base = run_config(cfg, "frozen", 0, "all")
+    tiny_val = {_content_key(im) for im in load_data(base).splits["validation"]["image"]}
+    first_val = min(tiny_val)
+
+    def right(candidate: float, key: int) -> bool:
+        if candidate == 0.001:  # A: ~90% right, and wrong on one validation image
+            return key % 10 != 0 and key != first_val
+        return key in tiny_val or key % 5 != 0  # B: ~80% right, every validation image right
+
+    def run(label, run_cfg, run_dir):
+        data = load_data(run_cfg)
+        val = data.splits["validation"]
+        correct = [right(float(run_cfg.head.lr), _content_key(im)) for im in val["image"]]
+        acc = float(np.mean(correct))
+        return {
+            "val": {"acc": acc, "balanced_acc": acc, "f1_macro": acc},
+            "split_sizes": {"validation": len(val)},
+            "train_seconds": 0.0,
+            "best_epoch": 3,
+            "selected": "best epoch",
+        }
+
+    tiny_cfg = copy.deepcopy(cfg)
+    tiny_cfg.compare.selection.min_scored = 0
+    on_tiny = select(tiny_cfg, "frozen", "all", tmp_path / "tiny", run, base)
+    assert on_tiny.protocol == "validation" and on_tiny.n_scored == 14
+    assert on_tiny.overrides == ["head.lr=0.002"], "the tiny split picks the lucky candidate"
+    cv = select(cfg, "frozen", "all", tmp_path / "cv", run, base)
+    assert cv.protocol == "cv" and cv.folds == 5 and cv.n_scored == 1438 and cv.n_scored >= 200
+    assert cv.overrides == ["head.lr=0.001"], "cross-validation over the pool picks the better candidate"
+    a, b = (c["score"] for c in cv.candidates)
+    assert 0.85 < a < 0.95 and 0.75 < b < 0.85 and cv.epochs == 3
+
+
+def test_pooled_scores_weight_folds_by_size():
+    folds = [
+        {"val": {"acc": 1.0, "balanced_acc": 1.0, "f1_macro": 1.0}, "split_sizes": {"validation": 30}},
+        {"val": {"acc": 0.5, "balanced_acc": 0.5, "f1_macro": 0.5}, "split_sizes": {"validation": 10}},
+    ]
+    scores, n = pooled_scores(folds)
+    assert n == 40 and scores["acc"] == pytest.approx(35 / 40)
+
+
+def test_a_sweep_override_of_an_unknown_setting_is_a_config_error():
+    cfg = resolve_preset(["compare.preset=cpu"])
+    with pytest.raises(ConfigError, match=r"head\.lrr"):
+        with_overrides(run_config(cfg, "frozen", 0, "all"), ["head.lrr=0.1"])
+    assert with_overrides(run_config(cfg, "partial", 0, "all"), ["regime.k=2"]).regime.k == 2
