@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv train compare bench gpu-report analyze notebook test lint format clean-cache clean
+.PHONY: help venv train compare predict export bench gpu-report analyze notebook test lint format clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -30,6 +30,12 @@ train: $(STAMP)  ## train a head on cached feature maps (default: embedded digit
 
 compare: $(STAMP)  ## frozen vs partial vs finetune vs scratch over seeds and shots -> report; ARGS="experiment=hymenoptera"
 	$(PY) -m fmtransfer.cli.compare $(ARGS)
+
+predict: $(STAMP)  ## classify images with a finished run -> predictions.csv; ARGS="run=<run dir> data.path=<images>"
+	$(PY) -m fmtransfer.cli.predict $(ARGS)
+
+export: $(STAMP)  ## a finished run as model.onnx + model.pt2, labels.json, preprocessing.json; ARGS="run=<run dir>"
+	$(PY) -m fmtransfer.cli.export $(ARGS)
 
 bench: $(STAMP)  ## cache vs no-cache speed, side by side -> bench.json (see docs/benchmarks.md); ARGS="trainer=gpu ..."
 	$(PY) -m fmtransfer.cli.bench $(ARGS)
