@@ -170,6 +170,8 @@ class RunContext:
                 "weights_identity": self.spec.weights.identity(),
             },
             "image_size": list(self.data_config["input_size"]),
+            # The preprocessing, as make predict and make export apply it (timm's data config).
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
             "seed": self.seed,
             "test_confusion": results["test_confusion"],
             "best_checkpoint": results["best_checkpoint"],
