@@ -308,3 +308,15 @@ def test_an_unknown_compare_metric_is_refused_before_any_run():
     with pytest.raises(FmtransferError, match=r"compare\.metric=auc is not known"):
         resolve_preset(["compare.metric=auc"])
     assert resolve_preset(["compare.metric=balanced_acc"]).compare.metric == "balanced_acc"
+
+
+def test_an_experiments_cpu_preset_keeps_the_cpu_selection():
+    """Experiments replace the CPU preset's list with their own sizes; the CPU selection (live regimes: one setting,
+    3 folds) comes from compare.selection_presets and survives that."""
+    for experiment in ("hymenoptera", "uiuc_texture", "pneumoniamnist"):
+        cfg = resolve_preset([f"experiment={experiment}", "compare.preset=cpu"])
+        assert dict(cfg.compare.folds) == {"frozen": None, "partial": 3, "finetune": 3, "scratch": 3}, experiment
+        assert all(len(cfg.compare.sweep[r]) == 1 for r in ("partial", "finetune", "scratch")), experiment
+        assert len(cfg.compare.sweep.frozen) == 2
+    full = resolve_preset(["experiment=uiuc_texture", "compare.preset=full"])
+    assert all(len(full.compare.sweep[r]) == 2 for r in ("frozen", "partial", "finetune", "scratch"))

@@ -29,7 +29,9 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
         raise FmtransferError(
             f"compare.preset={preset} is not known; choose auto or one of {sorted(cfg.compare.presets)}."
         )
-    final = compose_config([*cfg.compare.presets[preset], f"compare.preset={preset}", *overrides], name="compare")
+    selection = (cfg.compare.get("selection_presets") or {}).get(preset) or []
+    preset_overrides = [*cfg.compare.presets[preset], *selection]
+    final = compose_config([*preset_overrides, f"compare.preset={preset}", *overrides], name="compare")
     final.compare.preset_note = str(final.compare.preset_notes[preset])
     if final.compare.metric not in METRIC_NAMES:  # before any run, not when the report is written
         raise FmtransferError(

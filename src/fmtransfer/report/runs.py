@@ -148,6 +148,7 @@ def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
     """Select, then run (or reuse) the final runs of every (regime, shots); returns the records of the final runs
     done, and the planned final runs not started because ``compare.time_budget_s`` ran out (``{"regime", "seed",
     "shots_per_class"}`` each)."""
+    report_dir = report_dir.resolve()  # results.json names run dirs absolutely (not relative to the cwd of the run)
     runner = BudgetedRunner(cfg.compare.get("time_budget_s"))
     seeds = list(cfg.compare.seeds)
     groups = plan_groups(cfg)
