@@ -245,21 +245,21 @@ def test_verdict_one_standard_error_rule_and_paired_differences():
     assert "not a clear difference" in text and "On the test split **finetune** scores highest" in text
 
 
-def test_a_regime_that_kept_its_start_is_compared_but_cannot_win():
-    """Every partial run kept its start (a linear probe): its best selection score is the probe's, so it is named as
-    such and the winner is chosen among the regimes that trained."""
+def test_a_regime_that_kept_its_start_competes_as_its_start_and_is_named():
+    """Every partial run kept its start (a linear probe): it competes with that score and cost, and when it wins the
+    verdict says the winner is the start, not a trained backbone."""
     summary = {
         "frozen": _row([0.90] * 3, [0.93] * 3, [5] * 3, 3000),
         "partial": _row([0.95] * 3, [0.94] * 3, [1] * 3, 2_000_000, kept=3),
         "scratch": _row([0.5] * 3, [0.5] * 3, [100] * 3, 4_000_000),
     }
     v = verdict(summary)
-    assert v["winner"] == "frozen" and v["best_selection"] == "frozen" and v["kept_start"] == ["partial"]
-    assert "partial" in {c["regime"] for c in v["comparisons"]} and v["cheaper"] == []
+    assert v["winner"] == "partial" and v["kept_start"] == ["partial"]
     text = verdict_text(v, summary)
-    assert "Every partial run kept its starting weights" in text and "not a candidate to win" in text
-    everyone_kept = {r: _row([0.9] * 3, [0.9] * 3, [c] * 3, kept=3) for r, c in (("partial", 2), ("finetune", 1))}
-    assert verdict(everyone_kept)["winner"] == "finetune"  # all kept their start: the cheapest such
+    assert "Every partial run kept its starting weights" in text and "**The winner is that start**" in text
+    summary["frozen"] = _row([0.97] * 3, [0.93] * 3, [5] * 3, 3000, n_val=1000)
+    v = verdict(summary)
+    assert v["winner"] == "frozen" and "The winner is that start" not in verdict_text(v, summary)
 
 
 def test_verdict_without_predictions_never_calls_a_difference_clear():

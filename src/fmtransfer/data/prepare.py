@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from datasets import DatasetDict, concatenate_datasets
 
+from fmtransfer.data.images import split_fingerprint
+from fmtransfer.data.leakage import DEFAULT_THRESHOLD, LeakageReport, find_leakage
+from fmtransfer.data.leakage import dedupe as dedupe_splits
 from fmtransfer.data.sources import DataSource, load_image_dataset
 from fmtransfer.data.splits import make_splits, rename_splits, select_shots, stratified_folds
 from fmtransfer.data.validate import BadImage, check_classes, drop_bad_images
+from fmtransfer.hashing import mapping_key
 
 
 @dataclass
@@ -29,6 +35,7 @@ class PreparedData:
     # cache entries instead of being extracted again.
     base_splits: DatasetDict | None = None
     origin: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
+    leakage: LeakageReport | None = None  # None: not checked (data.leakage.check=false)
 
     @property
     def num_classes(self) -> int:
@@ -51,11 +58,14 @@ def prepare_data(
     skip_bad: bool = False,
     csv_columns: dict[str, str] | None = None,
     cv: CrossValidation | None = None,
+    leakage_threshold: float | None = DEFAULT_THRESHOLD,
+    dedupe: str = "off",
 ) -> PreparedData:
     """Load ``path`` and return train/validation/test splits; k-shot subsampling applies to train only.
 
     Every image is decoded once (remembered under ``cache_dir``) so unreadable files are reported up front, or
-    skipped and recorded with ``skip_bad``.
+    skipped and recorded with ``skip_bad``. The leakage check (``leakage_threshold``; None: off) looks for copies of
+    training/validation images in the held-out splits before k-shot subsampling; ``dedupe`` drops them.
     """
     dsd, source, notes = load_image_dataset(path, fmt, cache_dir, csv_columns)
     dsd, skipped = drop_bad_images(dsd, skip_bad, Path(cache_dir) / "image_scans" if cache_dir else None)
@@ -65,14 +75,37 @@ def prepare_data(
     splits, split_source = make_splits(dsd, val_fraction, test_fraction, split_seed)
     check_classes(splits)
     notes += [f"{k} split {v}" for k, v in split_source.items() if v != "given"]
+    leakage = None
+    if leakage_threshold is not None:
+        leakage = cached_leakage(splits, leakage_threshold, Path(cache_dir) / "leakage" if cache_dir else None)
+        if leakage.pairs:
+            notes.append(f"warning: {leakage.summary()} (data.dedupe={dedupe})")
+        splits = DatasetDict(dedupe_splits(dict(splits), leakage, dedupe))
+        notes += [f"data.dedupe={dedupe}: dropped {n} {split} image(s)" for split, n in leakage.dropped.items()]
     if shots_per_class is not None:
         idx = select_shots(np.asarray(splits["train"]["label"]), shots_per_class, shots_seed)
         splits["train"] = splits["train"].select(idx)
         split_source["train"] += f"; {shots_per_class} shots per class (seed {shots_seed})"
         notes.append(f"train subsampled to {shots_per_class} images per class (seed {shots_seed})")
     class_names = list(splits["train"].features["label"].names)
-    prepared = PreparedData(splits, source, class_names, split_source, shots_per_class, notes, skipped)
+    prepared = PreparedData(splits, source, class_names, split_source, shots_per_class, notes, skipped, leakage=leakage)
     return fold_splits(prepared, cv, split_seed) if cv is not None and (cv.fold is not None or cv.refit) else prepared
+
+
+def cached_leakage(splits: DatasetDict, threshold: float, memo_dir: Path | None) -> LeakageReport:
+    """``find_leakage`` of these splits, remembered under ``memo_dir`` by their content fingerprints (every run of a
+    comparison, and every cross-validation fold, prepares the same splits)."""
+    key = mapping_key({"splits": {n: split_fingerprint(ds) for n, ds in splits.items()}, "threshold": threshold})
+    memo = memo_dir / f"{key}.json" if memo_dir is not None else None
+    if memo is not None and memo.is_file():
+        return LeakageReport.from_dict(json.loads(memo.read_text()))
+    report = find_leakage(splits, threshold)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report.as_dict()))
+        tmp.replace(memo)
+    return report
 
 
 @dataclass(frozen=True)
@@ -132,4 +165,5 @@ def fold_splits(prepared: PreparedData, cv: CrossValidation, seed: int) -> Prepa
         prepared.skipped,
         base_splits=base,
         origin=origin,
+        leakage=prepared.leakage,
     )

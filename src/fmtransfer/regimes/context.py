@@ -25,6 +25,7 @@ from fmtransfer.backbone import (
 )
 from fmtransfer.cache import CacheResult, CacheSpec, FeatureCache, RowSource, ensure_feature_cache
 from fmtransfer.data import CrossValidation, PreparedData, prepare_data
+from fmtransfer.data.leakage import write_pairs
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import per_class_table
 from fmtransfer.training import TrainingTools, epochs_for
@@ -141,6 +142,24 @@ class RunContext:
             gather=gather,
         )
 
+    def leakage_record(self) -> dict | None:
+        """``metrics.json``'s ``leakage``: pairs found before training (the CSV of them in the run dir), what
+        ``data.dedupe`` dropped; None when the check is off."""
+        report = self.data.leakage
+        if report is None:
+            return None
+        pairs = None
+        if report.pairs and rank_zero_only.rank == 0:
+            write_pairs(self.run_dir / LEAKAGE_FILE, report)
+            pairs = LEAKAGE_FILE
+        return {
+            **report.counts(),
+            "pairs": pairs,
+            "threshold": report.threshold,
+            "dedupe": str(self.cfg.data.get("dedupe") or "off"),
+            "dropped": report.dropped,
+        }
+
     def metrics(self, regime: str, results: dict, **extra) -> dict:
         """The run's ``metrics.json`` (written into the run dir), common fields first."""
         metrics = {
@@ -163,6 +182,7 @@ class RunContext:
             "split_sizes": self.data.sizes(),
             "shots_per_class": self.data.shots_per_class,
             "skipped_images": [asdict(b) for b in self.data.skipped],
+            "leakage": self.leakage_record(),
             "class_names": self.data.class_names,
             "backbone": {
                 "name": self.spec.name,
@@ -193,6 +213,7 @@ class RunContext:
 
 
 PREDICTIONS_FILE = "test_predictions.csv"
+LEAKAGE_FILE = "leakage_pairs.csv"
 
 
 def test_with_per_class(results: dict, class_names: list[str]) -> dict:
@@ -266,6 +287,8 @@ def load_data(cfg: DictConfig) -> PreparedData:
         skip_bad=cfg.data.skip_bad,
         csv_columns=OmegaConf.to_container(d.csv_columns) if d.get("csv_columns") else None,
         cv=CrossValidation(**OmegaConf.to_container(d.cv)) if d.get("cv") else None,
+        leakage_threshold=float(d.leakage.threshold) if d.get("leakage") and d.leakage.check else None,
+        dedupe=str(d.get("dedupe") or "off"),
     )
 
 

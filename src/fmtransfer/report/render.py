@@ -50,9 +50,10 @@ def verdict_text(verdict: dict, summary: dict) -> str:
     lines = [
         f"**{winner}** wins with {'all training images' if shots == 'all' else f'{shots} images per class'}: {why}, "
         f"{score_text(sel[winner])} on {sel[winner]['n_scored']} labelled images "
-        f"({protocol_text(w.get('selection'), n)}). Test {label} {test['mean']:.3f} (95% CI {test['ci95'][0]:.3f}–"
-        f"{test['ci95'][1]:.3f}, test images resampled, seeds averaged); {w['trainable_params']:,} trainable "
-        f"parameters, {verdict['cost_seconds'][winner]:.1f} s (training + feature extraction)."
+        f"({protocol_text(w.get('selection'), n, shots)}). Test {label} {test['mean']:.3f} "
+        f"(95% CI {test['ci95'][0]:.3f}–{test['ci95'][1]:.3f}, test images resampled, seeds averaged); "
+        f"{w['trainable_params']:,} trainable parameters, {verdict['cost_seconds'][winner]:.1f} s (training + "
+        "feature extraction)."
     ]
     for c in verdict["comparisons"]:
         other, o = c["regime"], rows[c["regime"]]
@@ -66,10 +67,13 @@ def verdict_text(verdict: dict, summary: dict) -> str:
     for regime in verdict["kept_start"]:
         probe = " (a linear probe on the frozen features)" if regime in ("partial", "finetune") else ""
         how = KEPT_HOW.get(protocol_of(rows[regime]), KEPT_HOW["validation"])
-        lines.append(
-            f"Every {regime} run kept its starting weights ({how}): what it reports is its start{probe}, so it is "
-            "compared but not a candidate to win."
+        won = (
+            f" **The winner is that start**: its {rows[regime]['trainable_params']:,} trainable parameters were not "
+            "trained past it."
+            if regime == winner
+            else ""
         )
+        lines.append(f"Every {regime} run kept its starting weights ({how}): what it reports is its start{probe}.{won}")
     if verdict["best_on_test"] != winner:
         lines.append(
             f"On the test split **{verdict['best_on_test']}** scores highest; the winner is chosen on labelled "
@@ -96,11 +100,12 @@ def protocol_of(row: dict) -> str:
     return (row.get("selection") or {}).get("protocol") or "validation"
 
 
-def protocol_text(selection: dict | None, seeds: int) -> str:
+def protocol_text(selection: dict | None, seeds: int, shots: str = "all") -> str:
     """How a regime's selection score was computed, for the verdict and the tables."""
     protocol = (selection or {}).get("protocol") or "validation"
     if protocol == "cv":
-        return f"{selection['folds']}-fold cross-validation over train + validation, once for all seeds"
+        pool = "train + validation" if shots == "all" else f"the first seed's {shots} labelled images per class"
+        return f"{selection['folds']}-fold cross-validation over {pool}, once for all seeds"
     if protocol == "none":
         return "no selection: a class has a single labelled image"
     return f"the validation split, mean of {seeds} seed{'s' if seeds > 1 else ''}"
@@ -303,6 +308,22 @@ def not_run_text(not_run: list[dict]) -> str:
     return f" **Not run** ({len(not_run)} planned runs, compare.time_budget_s spent): {runs}."
 
 
+def leakage_text(leakage: dict | None) -> str:
+    """What the leakage check found before training, and what ``data.dedupe`` did about it."""
+    if leakage is None:
+        return "Leakage check: off (data.leakage.check=false)."
+    found = f"{leakage['exact']} exact and {leakage['near']} near-duplicate pairs"
+    if not leakage["exact"] and not leakage["near"]:
+        return "Leakage check: no held-out image is a copy of a training or validation image."
+    dropped = ", ".join(f"{n} {split}" for split, n in leakage["dropped"].items())
+    action = f"dropped {dropped} image(s)" if dropped else "kept (the numbers include them)"
+    return (
+        f"**Leakage check: {found}** between held-out and training/validation images (exact: same file; near: "
+        f"thumbnail correlation >= {leakage['threshold']}); data.dedupe={leakage['dedupe']}: {action}; the pairs are "
+        f"in each run's {leakage['pairs']}."
+    )
+
+
 def sections(results: dict) -> list[tuple[str, str]]:
     """(title, markdown body) pairs shared by both renderings (tables are added per format)."""
     env = results["environment"]
@@ -318,7 +339,9 @@ def sections(results: dict) -> list[tuple[str, str]]:
             f"split of compare.selection.min_scored images or more is used as it is. "
             f"Numbers are mean ± std [95% CI] over seeds, except where the 95% interval is over test images "
             f"(bootstrap, seeds averaged). Cost: training time + building the train/validation feature caches a "
-            f"regime reads (what running that regime alone would take)." + not_run_text(results.get("not_run", [])),
+            f"regime reads (what running that regime alone would take). "
+            + (leakage_text(results["runs"][0]["leakage"]) if "leakage" in results["runs"][0] else "")
+            + not_run_text(results.get("not_run", [])),
         ),
         ("Environment", ", ".join(f"{k}: {v}" for k, v in env.items())),
     ]

@@ -37,6 +37,7 @@ RUN_FIELDS = (
     "selected",
     "precision",
     "channels_last",
+    "leakage",
 )
 
 

@@ -54,14 +54,12 @@ def verdict(summary: dict, metric: str = "acc", paired: dict | None = None) -> d
     cost = {r: float(row["cost_seconds"]) for r, row in rows.items()}
     # Unscored regimes (1-shot: nothing to hold out) rank below every scored one; with none scored, the cheapest wins.
     score = {r: -1.0 if selection[r]["score"] is None else selection[r]["score"] for r in rows}
-    # A regime every run of which kept its start trained nothing: what it reports is its start (for partial and
-    # finetune a linear probe on the frozen features, the frozen regime's ground). It is compared, not crowned,
-    # unless every regime kept its start.
+    # A regime every run of which kept its start trained nothing past it: what it reports (and costs) is its start,
+    # for partial and finetune a linear probe on the frozen features. It competes as that, and is named as that.
     kept = [r for r, row in rows.items() if row["kept_start"] and row["kept_start"] == len(row["seeds"])]
-    eligible = [r for r in rows if r not in kept] or list(rows)
-    best = max(eligible, key=lambda r: (score[r], -cost[r]))
+    best = max(rows, key=lambda r: (score[r], -cost[r]))
     threshold = score[best] - selection[best]["se"]
-    within = [r for r in eligible if score[r] >= threshold]
+    within = [r for r in rows if score[r] >= threshold]
     winner = min(within, key=lambda r: (cost[r], -score[r]))
 
     preds = (paired or {}).get("preds", {})
@@ -105,7 +103,7 @@ def verdict(summary: dict, metric: str = "acc", paired: dict | None = None) -> d
                 "cost_ratio": cost[r] / cost[winner],
                 "score_gap": score[winner] - score[r],
             }
-            for r in sorted(eligible, key=cost.get)
+            for r in sorted(rows, key=cost.get)
             if cost[r] < cost[winner]
         ],
     }
