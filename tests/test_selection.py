@@ -158,3 +158,16 @@ def test_a_sweep_override_of_an_unknown_setting_is_a_config_error():
     with pytest.raises(ConfigError, match=r"head\.lrr"):
         with_overrides(run_config(cfg, "frozen", 0, "all"), ["head.lrr=0.1"])
     assert with_overrides(run_config(cfg, "partial", 0, "all"), ["regime.k=2"]).regime.k == 2
+
+
+def test_one_candidate_on_a_large_given_validation_split_needs_no_selection_runs(tmp_path):
+    """With nothing to choose and a validation split of min_scored images or more, the final runs are scored on it
+    (run_all fills the score from them); no extra run is made."""
+    cfg = resolve_preset([f"paths.data_dir={tmp_path}", "compare.sweep.frozen=[['head.lr=0.001']]"])
+    cfg.compare.selection.min_scored = 200  # digits' validation split has 216 images
+
+    def must_not_run(*args):
+        raise AssertionError("a selection run was made")
+
+    chosen = select(cfg, "frozen", "all", tmp_path / "sel", must_not_run, run_config(cfg, "frozen", 0, "all"))
+    assert chosen.protocol == "validation" and chosen.overrides == ["head.lr=0.001"] and chosen.score is None

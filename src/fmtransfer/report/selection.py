@@ -122,6 +122,8 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
     candidates = candidates_of(cfg, regime)
     if protocol == "none":
         return Selection("none", metric, candidates[0])
+    if protocol == "validation" and len(candidates) == 1:
+        return Selection("validation", metric, candidates[0])  # nothing to choose: the final runs give the score
     scored, seconds, complete = [], 0.0, True
     for c, overrides in enumerate(candidates):
         cand = with_overrides(base, overrides)
