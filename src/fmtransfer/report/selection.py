@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from fmtransfer.data import CrossValidation
 from fmtransfer.data.splits import cv_folds_for
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import METRIC_NAMES
@@ -87,8 +88,9 @@ def with_overrides(run: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def cv_settings(run: DictConfig, **cv) -> DictConfig:
+    """``run`` with ``data.cv`` set to ``cv`` over ``CrossValidation``'s defaults (a fold, or a refit)."""
     out = OmegaConf.create(OmegaConf.to_container(run, resolve=False))
-    out.data.cv = {"folds": 5, "fold": None, "refit": False, "epochs": None, **cv}
+    out.data.cv = {**asdict(CrossValidation()), **cv}
     return out
 
 
