@@ -35,7 +35,7 @@ TINY = [
     "trainer.progress_bar=false",
     # Selection: 2 folds of the k shots per regime, one frozen candidate (test_selection covers sweeps).
     "compare.sweep.frozen=[['head.name=multilayer']]",
-    *(f"compare.folds.{r}=2" for r in ("frozen", "partial", "finetune", "scratch")),
+    "compare.selection.folds=2",
 ]
 FOLD_RUNS = 2 * 4 * 2  # shots settings x regimes x folds
 
@@ -121,8 +121,9 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
     assert v["metric"] == "acc" and v["shots"] == "6" and v["winner"] in {"frozen", "partial", "finetune", "scratch"}
     assert {c["regime"] for c in v["comparisons"]} == {"frozen", "partial", "finetune", "scratch"} - {v["winner"]}
     for c in v["comparisons"]:
-        assert set(c) >= {"regime", "diff", "ci95", "p_value", "clear"}
-        assert c["clear"] == (not c["ci95"][0] <= 0 <= c["ci95"][1])
+        assert set(c) >= {"regime", "diff", "ci95", "p_value", "p_adjusted", "clear"}
+        assert c["clear"] == (c["p_adjusted"] < 0.05) and c["p_adjusted"] >= c["p_value"]
+    assert set(v["winner_model"]) == {"regime", "trained_epochs", "is"} and v["winner_model"]["regime"] == v["winner"]
     # Cost counts the build time of the caches a run reads whether it built them or hit them (partial and finetune
     # hit frozen's pre-logits, built by the frozen run before them; scratch reads none).
     for regime, expect_cache in (("frozen", True), ("partial", True), ("finetune", True), ("scratch", False)):
@@ -202,6 +203,9 @@ def _row(val, test, seconds, params=1000, n_val=50, kept=0):
             "trainable_params": params,
             "seeds": [0, 1, 2],
             "kept_start": kept,
+            # A regime every run of which kept its start trained 0 epochs.
+            "epochs": summarise([0.0] * 3 if kept == 3 else [5.0] * 3),
+            "image_size": [3, 224, 224],
         }
     }
 
@@ -238,6 +242,9 @@ def test_verdict_one_standard_error_rule_and_paired_differences():
     assert by["finetune"]["diff"] == pytest.approx(-0.02) and by["finetune"]["ci95"][0] < 0 < by["finetune"]["ci95"][1]
     assert by["finetune"]["clear"] is False and by["finetune"]["p_value"] > 0.05
     assert by["scratch"]["clear"] is True and by["scratch"]["p_value"] < 0.001
+    # Holm over the winner's two comparisons: the smaller p doubled, the larger at least its own.
+    assert by["scratch"]["p_adjusted"] == pytest.approx(min(1.0, 2 * by["scratch"]["p_value"]))
+    assert by["finetune"]["p_adjusted"] >= by["finetune"]["p_value"]
     assert by["finetune"]["cost_ratio"] == pytest.approx(100.0)
     assert v["kept_start"] == [] and v["cheaper"] == []  # 1 of 3 finetune runs kept its start: not all
     text = verdict_text(v, summary)
@@ -255,11 +262,17 @@ def test_a_regime_that_kept_its_start_competes_as_its_start_and_is_named():
     }
     v = verdict(summary)
     assert v["winner"] == "partial" and v["kept_start"] == ["partial"]
+    assert v["winner_model"] == {"regime": "partial", "trained_epochs": 0, "is": "linear probe, pre_logits, 224 px"}
     text = verdict_text(v, summary)
-    assert "Every partial run kept its starting weights" in text and "**The winner is that start**" in text
+    first = text.splitlines()[0]
+    assert not first.startswith("**partial**") and "**partial** wins" not in text, "never crowned under its name"
+    assert first.startswith("**A linear probe, pre_logits, 224 px** (the start of partial: 0 epochs trained) wins")
+    assert "Fine-tuning did not improve on a linear probe" in text
     summary["frozen"] = _row([0.97] * 3, [0.93] * 3, [5] * 3, 3000, n_val=1000)
     v = verdict(summary)
-    assert v["winner"] == "frozen" and "The winner is that start" not in verdict_text(v, summary)
+    text = verdict_text(v, summary)
+    assert v["winner"] == "frozen" and "Fine-tuning did not improve" not in text
+    assert "partial trained 0 epochs" in text and "(linear probe, pre_logits, 224 px)" in text
 
 
 def test_verdict_without_predictions_never_calls_a_difference_clear():
@@ -311,12 +324,24 @@ def test_an_unknown_compare_metric_is_refused_before_any_run():
 
 
 def test_an_experiments_cpu_preset_keeps_the_cpu_selection():
-    """Experiments replace the CPU preset's list with their own sizes; the CPU selection (live regimes: one setting,
-    3 folds) comes from compare.selection_presets and survives that."""
+    """Experiments replace the CPU preset's list with their own sizes; the CPU selection (every regime on 3 folds,
+    live regimes one setting) comes from compare.selection_presets and survives that."""
     for experiment in ("hymenoptera", "uiuc_texture", "pneumoniamnist"):
         cfg = resolve_preset([f"experiment={experiment}", "compare.preset=cpu"])
-        assert dict(cfg.compare.folds) == {"frozen": None, "partial": 3, "finetune": 3, "scratch": 3}, experiment
+        assert cfg.compare.selection.folds == 3 and "folds" not in cfg.compare, "one fold count for every regime"
         assert all(len(cfg.compare.sweep[r]) == 1 for r in ("partial", "finetune", "scratch")), experiment
         assert len(cfg.compare.sweep.frozen) == 2
     full = resolve_preset(["experiment=uiuc_texture", "compare.preset=full"])
     assert all(len(full.compare.sweep[r]) == 2 for r in ("frozen", "partial", "finetune", "scratch"))
+
+
+def test_a_users_override_wins_over_the_sweep_and_is_listed():
+    """``regimes.partial.k=2`` on the command line: the sweep no longer sets regime.k (k=2 runs), the Setup lists it;
+    an experiment's own settings are not "the user's"."""
+    cfg = resolve_preset(["experiment=hymenoptera", "compare.preset=full", "regimes.partial.k=2", "head.lr=0.05"])
+    assert cfg.regimes.partial.k == 2
+    assert [list(c) for c in cfg.compare.sweep.partial] == [[]], "both k candidates collapse to the user's k"
+    assert all(not any(str(o).startswith("head.lr=") for o in c) for c in cfg.compare.sweep.frozen)
+    assert len(cfg.compare.sweep.frozen) == 2 and len(cfg.compare.sweep.finetune) == 2
+    assert list(cfg.compare.user_overrides) == ["regimes.partial.k=2", "head.lr=0.05"]
+    assert list(resolve_preset(["experiment=hymenoptera"]).compare.user_overrides) == []

@@ -19,7 +19,7 @@ from fmtransfer.data.splits import cv_folds_for, stratified_folds
 from fmtransfer.errors import ConfigError
 from fmtransfer.regimes import load_data, run_regime
 from fmtransfer.report.runs import run_config
-from fmtransfer.report.selection import cv_settings, pooled_scores, select, with_overrides
+from fmtransfer.report.selection import cv_settings, select, with_overrides
 
 
 def test_stratified_folds_partition_the_pool_class_by_class():
@@ -91,11 +91,26 @@ def test_fold_run_gathers_cached_maps_and_skips_test_refit_trains_on_the_pool(tm
     assert np.array_equal(gathered.load("pre_logits"), source.load("pre_logits")[rows])
     assert np.array_equal(gathered.labels(), source.labels()[rows])
 
-    refit = run_regime(cv_settings(base, refit=True, epochs=2), tmp_path / "refit")
+    refit = run_regime(cv_settings(base, refit=True, epochs=2, horizon=fold["planned_epochs"]), tmp_path / "refit")
     assert refit["val"] is None and refit["epochs"] == 2 and refit["split_sizes"]["train"] == 60
+    # The refit runs each of its epochs at the learning rate the fold validated (the fold's schedule, cut short).
+    assert fold["planned_epochs"] > 2 and refit["planned_epochs"] == fold["planned_epochs"]
+    assert logged_lrs(tmp_path / "refit") == pytest.approx(logged_lrs(tmp_path / "fold")[:2])
+    # The fold kept its per-image validation probabilities at every validated epoch, the start (0) included.
+    with np.load(tmp_path / "fold" / fold["val_curve"]) as curve:
+        assert curve["epochs"][0] == 0 and curve["probs"].shape[1:] == (fold["split_sizes"]["validation"], 10)
+        assert np.allclose(curve["probs"].sum(-1), 1.0, atol=1e-4)
     assert refit["test"]["acc"] > 0.3, "6 shots of real digits beat chance (0.1)"
     state = torch.load(refit["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert any(k.startswith("head.") for k in state)
+
+
+def logged_lrs(run_dir: Path) -> list[float]:
+    """The learning rate of each training epoch, from a run's CSV log."""
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    return [float(r["train/lr"]) for r in rows if r.get("train/lr")]
 
 
 def _content_key(image) -> int:
@@ -120,37 +135,34 @@ def test_a_tiny_validation_split_misleads_and_cross_validation_does_not(tmp_path
         return key in tiny_val or key % 5 != 0  # B: ~80% right, every validation image right
 
     def run(label, run_cfg, run_dir):
+        """A selection run's record: per-image probabilities at epoch 0 (uniform) and epoch 3 (0.9 on the predicted
+        class), in validation order, with the rows' pool indices, as the fit loop writes them."""
         data = load_data(run_cfg)
         val = data.splits["validation"]
-        correct = [right(float(run_cfg.head.lr), _content_key(im)) for im in val["image"]]
-        acc = float(np.mean(correct))
-        return {
-            "val": {"acc": acc, "balanced_acc": acc, "f1_macro": acc},
-            "split_sizes": {"validation": len(val)},
-            "train_seconds": 0.0,
-            "best_epoch": 3,
-            "selected": "best epoch",
-        }
+        labels = np.asarray(val["label"])
+        correct = np.array([right(float(run_cfg.head.lr), _content_key(im)) for im in val["image"]])
+        pred = np.where(correct, labels, (labels + 1) % 10)
+        trained = np.full((len(val), 10), 0.1 / 9)
+        trained[np.arange(len(val)), pred] = 0.9
+        probs = np.stack([np.full((len(val), 10), 0.1), trained])
+        rows = data.validation_rows if data.validation_rows is not None else np.arange(len(val))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(run_dir / "val.npz", epochs=np.array([0, 3]), probs=probs, labels=labels, rows=rows)
+        return {"val_curve": "val.npz", "train_seconds": 0.0, "planned_epochs": 5}
 
     tiny_cfg = copy.deepcopy(cfg)
     tiny_cfg.compare.selection.min_scored = 0
     on_tiny = select(tiny_cfg, "frozen", "all", tmp_path / "tiny", run, base)
-    assert on_tiny.protocol == "validation" and on_tiny.n_scored == 14
+    assert on_tiny.protocol == "validation" and on_tiny.folds == 1 and on_tiny.n_scored == 14
     assert on_tiny.overrides == ["head.lr=0.002"], "the tiny split picks the lucky candidate"
     cv = select(cfg, "frozen", "all", tmp_path / "cv", run, base)
-    assert cv.protocol == "cv" and cv.folds == 5 and cv.n_scored == 1438 and cv.n_scored >= 200
+    assert cv.protocol == "cv" and cv.folds == 3 and cv.n_scored == 1438 and cv.n_scored >= 200
     assert cv.overrides == ["head.lr=0.001"], "cross-validation over the pool picks the better candidate"
     a, b = (c["score"] for c in cv.candidates)
-    assert 0.85 < a < 0.95 and 0.75 < b < 0.85 and cv.epochs == 3
-
-
-def test_pooled_scores_weight_folds_by_size():
-    folds = [
-        {"val": {"acc": 1.0, "balanced_acc": 1.0, "f1_macro": 1.0}, "split_sizes": {"validation": 30}},
-        {"val": {"acc": 0.5, "balanced_acc": 0.5, "f1_macro": 0.5}, "split_sizes": {"validation": 10}},
-    ]
-    scores, n = pooled_scores(folds)
-    assert n == 40 and scores["acc"] == pytest.approx(35 / 40)
+    assert 0.85 < a < 0.95 and 0.75 < b < 0.85 and cv.epochs == 3 and cv.horizon == 5 and not cv.kept_start
+    with np.load(cv.oof) as oof:  # the chosen candidate's pooled out-of-fold predictions, every pooled image once
+        assert sorted(oof["rows"].tolist()) == list(range(1438))
+        assert np.mean(oof["probs"].argmax(1) == oof["labels"]) == pytest.approx(a)
 
 
 def test_a_sweep_override_of_an_unknown_setting_is_a_config_error():
@@ -158,16 +170,3 @@ def test_a_sweep_override_of_an_unknown_setting_is_a_config_error():
     with pytest.raises(ConfigError, match=r"head\.lrr"):
         with_overrides(run_config(cfg, "frozen", 0, "all"), ["head.lrr=0.1"])
     assert with_overrides(run_config(cfg, "partial", 0, "all"), ["regime.k=2"]).regime.k == 2
-
-
-def test_one_candidate_on_a_large_given_validation_split_needs_no_selection_runs(tmp_path):
-    """With nothing to choose and a validation split of min_scored images or more, the final runs are scored on it
-    (run_all fills the score from them); no extra run is made."""
-    cfg = resolve_preset([f"paths.data_dir={tmp_path}", "compare.sweep.frozen=[['head.lr=0.001']]"])
-    cfg.compare.selection.min_scored = 200  # digits' validation split has 216 images
-
-    def must_not_run(*args):
-        raise AssertionError("a selection run was made")
-
-    chosen = select(cfg, "frozen", "all", tmp_path / "sel", must_not_run, run_config(cfg, "frozen", 0, "all"))
-    assert chosen.protocol == "validation" and chosen.overrides == ["head.lr=0.001"] and chosen.score is None

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import compose_config, config_dir
 from fmtransfer.errors import FmtransferError
 from fmtransfer.metrics import METRIC_NAMES
+from fmtransfer.report.selection import sweep_without, user_keys
 
 
 def resolve_preset(overrides: list[str]) -> DictConfig:
@@ -39,6 +40,11 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
         )
     if final.compare.name is None:
         final.compare.name = dataset_name(str(final.data.path))
+    # A user's override wins over the sweep: candidates no longer set what the command line set.
+    keys = user_keys(overrides)
+    if keys and final.compare.get("sweep"):
+        final.compare.sweep = sweep_without(OmegaConf.to_container(final.compare.sweep), keys)
+    final.compare.user_overrides = [o for o in overrides if str(o).split("=", 1)[0].lstrip("+~") in keys]
     return final
 
 

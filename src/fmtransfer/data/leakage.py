@@ -120,6 +120,29 @@ def similar_pairs(queries: np.ndarray, references: np.ndarray, threshold: float)
     return out
 
 
+def duplicate_groups(split: Dataset, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """A group id per row of ``split``: rows that are exact or near copies of each other (the same tests as
+    ``find_leakage``, within one split, transitively) share an id; every other row has its own. Cross-validation
+    keeps a group in one fold, so no copy of a validation image is trained on."""
+    hashes, _ = content_hashes(split)
+    parent = list(range(len(split)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    pairs = [(first.setdefault(h, i), i) for i, h in enumerate(hashes)]
+    thumbs = thumbnails(split)
+    pairs += [(i, j) for i, j, _ in similar_pairs(thumbs, thumbs, threshold) if i < j]
+    for i, j in pairs:
+        parent[root(j)] = root(i)
+    roots = np.array([root(i) for i in range(len(split))], dtype=np.int64)
+    return np.unique(roots, return_inverse=True)[1]
+
+
 def find_leakage(splits: Mapping[str, Dataset], threshold: float = DEFAULT_THRESHOLD) -> LeakageReport:
     """Exact and near duplicates for every check in ``CHECKS`` whose splits exist."""
     if not 0.0 < threshold <= 1.0:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import DatasetDict, concatenate_datasets
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from fmtransfer.data.images import split_fingerprint
-from fmtransfer.data.leakage import DEFAULT_THRESHOLD, LeakageReport, find_leakage
+from fmtransfer.data.leakage import DEFAULT_THRESHOLD, LeakageReport, duplicate_groups, find_leakage
 from fmtransfer.data.leakage import dedupe as dedupe_splits
 from fmtransfer.data.sources import DataSource, load_image_dataset
 from fmtransfer.data.splits import make_splits, rename_splits, select_shots, stratified_folds
@@ -36,6 +37,9 @@ class PreparedData:
     base_splits: DatasetDict | None = None
     origin: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
     leakage: LeakageReport | None = None  # None: not checked (data.leakage.check=false)
+    # A cross-validation fold's validation rows as indices into the pool (the same for every regime of a
+    # comparison), so out-of-fold predictions of different regimes are paired image by image.
+    validation_rows: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +93,28 @@ def prepare_data(
         notes.append(f"train subsampled to {shots_per_class} images per class (seed {shots_seed})")
     class_names = list(splits["train"].features["label"].names)
     prepared = PreparedData(splits, source, class_names, split_source, shots_per_class, notes, skipped, leakage=leakage)
-    return fold_splits(prepared, cv, split_seed) if cv is not None and (cv.fold is not None or cv.refit) else prepared
+    if cv is None or (cv.fold is None and not cv.refit and not cv.given_validation):
+        return prepared
+    memo = Path(cache_dir) / "leakage" if cache_dir else None
+    return fold_splits(prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo))
+
+
+def pool_groups(pool, threshold: float | None, memo_dir: Path | None) -> np.ndarray | None:
+    """``duplicate_groups`` of the labelled pool (None when the leakage check is off), remembered under
+    ``memo_dir`` by the pool's content fingerprint: every fold run of a comparison folds the same pool."""
+    if threshold is None:
+        return None
+    key = mapping_key({"pool": split_fingerprint(pool), "threshold": threshold, "what": "duplicate groups"})
+    memo = memo_dir / f"groups-{key}.npy" if memo_dir is not None else None
+    if memo is not None and memo.is_file():
+        return np.load(memo)
+    groups = duplicate_groups(pool, threshold)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, groups)
+        tmp.replace(memo)
+    return groups
 
 
 def cached_leakage(splits: DatasetDict, threshold: float, memo_dir: Path | None) -> LeakageReport:
@@ -121,6 +146,10 @@ class CrossValidation:
     fold: int | None = None
     refit: bool = False
     epochs: int | None = None
+    # A refit's learning-rate schedule spans this many epochs (the folds' planned epochs), so that each of its
+    # ``epochs`` epochs runs at the learning rate the folds validated; None: ``epochs``.
+    horizon: int | None = None
+    given_validation: bool = False  # the selection "fold" is the given validation split (train on train)
 
 
 def pool_of(prepared: PreparedData) -> tuple[list[str], np.ndarray]:
@@ -130,8 +159,14 @@ def pool_of(prepared: PreparedData) -> tuple[list[str], np.ndarray]:
     return [s for s, _ in splits], np.asarray([i for _, i in splits], dtype=np.int64)
 
 
-def fold_splits(prepared: PreparedData, cv: CrossValidation, seed: int) -> PreparedData:
-    """``prepared`` with train/validation replaced by a fold of the pool (or the whole pool, to refit on)."""
+def fold_splits(
+    prepared: PreparedData, cv: CrossValidation, seed: int, groups_of: Callable[[Dataset], np.ndarray | None]
+) -> PreparedData:
+    """``prepared`` with train/validation replaced by a fold of the pool (or the whole pool, to refit on).
+
+    ``groups_of(pool)``: a group id per pooled row (copies of one image share one); a group stays in one fold.
+    ``cv.given_validation``: the one "fold" is the given validation split (train on train), not a k-fold one.
+    """
     base = prepared.splits
     names, rows = pool_of(prepared)
     pool = concatenate_datasets([base[n] for n in dict.fromkeys(names)])
@@ -139,8 +174,12 @@ def fold_splits(prepared: PreparedData, cv: CrossValidation, seed: int) -> Prepa
     if cv.refit:
         train_idx = val_idx = np.arange(len(pool))
         what = f"the whole labelled pool ({len(pool)} images: {' + '.join(dict.fromkeys(names))}), no validation"
+    elif cv.given_validation:
+        val_idx = np.flatnonzero(np.asarray(names) == "validation")
+        train_idx = np.flatnonzero(np.asarray(names) != "validation")
+        what = f"train ({len(train_idx)} images); validation: the given validation split"
     else:
-        held = stratified_folds(labels, cv.folds, seed)[cv.fold]
+        held = stratified_folds(labels, cv.folds, seed, groups_of(pool))[cv.fold]
         train_idx, val_idx = np.setdiff1d(np.arange(len(pool)), held), held
         what = f"pool minus fold {cv.fold + 1} of {cv.folds} ({len(train_idx)} images); validation: that fold"
     splits = DatasetDict({"train": pool.select(train_idx), "validation": pool.select(val_idx), "test": base["test"]})
@@ -166,4 +205,5 @@ def fold_splits(prepared: PreparedData, cv: CrossValidation, seed: int) -> Prepa
         base_splits=base,
         origin=origin,
         leakage=prepared.leakage,
+        validation_rows=None if cv.refit else val_idx,
     )

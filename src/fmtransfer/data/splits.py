@@ -96,13 +96,19 @@ def select_shots(labels: np.ndarray, shots_per_class: int, seed: int) -> list[in
     return sorted(chosen)
 
 
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+def stratified_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> list[np.ndarray]:
     """The held-out indices of each of ``folds`` stratified folds (seeded, each sorted); every class must have at
-    least ``folds`` images (``cv_folds_for`` says how many folds a pool allows)."""
-    from sklearn.model_selection import StratifiedKFold
+    least ``folds`` images (``cv_folds_for`` says how many folds a pool allows). ``groups`` (a group id per row:
+    copies of one image) keeps each group inside one fold (scikit-learn's ``StratifiedGroupKFold``); without a
+    group of two or more rows the folds are ``StratifiedKFold``'s."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+    x = np.zeros(len(labels))
+    if groups is not None and len(np.unique(groups)) < len(groups):
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return [np.sort(held) for _, held in splitter.split(x, labels, groups)]
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return [np.sort(held) for _, held in splitter.split(np.zeros(len(labels)), labels)]
+    return [np.sort(held) for _, held in splitter.split(x, labels)]
 
 
 def cv_folds_for(labels: np.ndarray, folds: int) -> int:

@@ -30,7 +30,7 @@ class HeadClassifier(pl.LightningModule):
         num_classes: int,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        max_epochs: int = 50,
+        max_epochs: int = 50,  # the cosine schedule's horizon (a refit may stop before it)
         label_smoothing: float = 0.0,
         features: nn.Module | None = None,
         backbone_lr: float | None = None,
@@ -48,6 +48,9 @@ class HeadClassifier(pl.LightningModule):
         # Per-image test outputs, in test-split order (single process): {"label": (n,), "prob": (n, classes)}.
         self.test_predictions: dict[str, torch.Tensor] | None = None
         self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The last validation's per-image outputs, in validation-split order (single process), same form.
+        self.val_predictions: dict[str, torch.Tensor] | None = None
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, inputs) -> torch.Tensor:
         return self.head(self.features(inputs) if self.features is not None else inputs)
@@ -67,8 +70,23 @@ class HeadClassifier(pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        # The learning rate each epoch runs at (per-epoch schedule): a refit is checked against its folds' by it.
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", lr, on_step=False, on_epoch=True, batch_size=1, sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val/loss")
+        logits = self._eval_step(batch, self.val_metrics, "val/loss")
+        self._val_outputs.append((batch[1].detach().cpu(), logits.detach().float().softmax(-1).cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        outputs, self._val_outputs = self._val_outputs, []
+        if self.trainer.world_size == 1 and outputs:
+            labels, probs = zip(*outputs, strict=True)
+            self.val_predictions = {"label": torch.cat(labels), "prob": torch.cat(probs)}
 
     def test_step(self, batch, batch_idx: int) -> None:
         logits = self._eval_step(batch, self.test_metrics, "test/loss")

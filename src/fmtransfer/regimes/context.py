@@ -48,6 +48,12 @@ class RunContext:
     # Build time of every cache entry this run read (train/validation), hit or not, by path: what it would cost a
     # user who ran only this regime (make compare's cost; a hit costs the run that built it, not this one).
     cache_build_seconds: dict[str, float] = field(default_factory=dict)
+    # Wall time of this run's own steps outside fit_select_test: "cache" (finding, gathering or extracting maps),
+    # "probe" (fitting a linear-probe start). "probe" is part of what the model costs.
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     @property
     def seed(self) -> int:
@@ -65,6 +71,13 @@ class RunContext:
             return int(self.cfg.data.cv.epochs)
         return epochs_for(num_train, batch_size, epochs, min_steps)
 
+    def schedule_epochs(self, epochs: int) -> int:
+        """The learning-rate schedule's horizon for a run of ``epochs`` epochs: a refit's is its folds' planned
+        epochs (``data.cv.horizon``), so it runs each epoch at the learning rate the folds validated."""
+        if self.refit and self.cfg.data.cv.get("horizon") is not None:
+            return max(int(self.cfg.data.cv.horizon), epochs)
+        return epochs
+
     def cache_spec(self, levels: Sequence[LevelInfo], pool: str | None = None) -> CacheSpec:
         """``cache.*`` settings for ``levels`` (``pool`` overrides ``cache.pool``, e.g. ``none`` for full maps)."""
         c = self.cfg.cache
@@ -72,6 +85,7 @@ class RunContext:
 
     def cache_splits(self, cache_spec: CacheSpec) -> dict[str, CacheResult]:
         """Every split's maps for ``cache_spec``, from the cache or extracted now (backbone built once, lazily)."""
+        began = time.perf_counter()
         cache = FeatureCache(self.cfg.cache.dir, self.cfg.cache.verify)
         built: dict[str, FeatureMapExtractor] = {}
 
@@ -87,6 +101,7 @@ class RunContext:
             self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
         hit = all(c.hit for c in results.values())
         print(f"[cache] {'hit: reusing' if hit else 'built'} {results['train'].split.path.parent}")
+        self.add_phase("cache", time.perf_counter() - began)
         return results
 
     def cache_split(
@@ -177,7 +192,12 @@ class RunContext:
             "cache_build_seconds": round(sum(self.cache_build_seconds.values()), 3),
             # Where a run's wall time goes (a GPU run spent most of it outside training): the rest is caches, the
             # linear-probe start, models and Trainers being built.
-            "phase_seconds": phase_seconds(total, self.setup_seconds, results.get("phase_seconds", {})),
+            "phase_seconds": phase_seconds(
+                total, self.setup_seconds, {**self.phases, **results.get("phase_seconds", {})}
+            ),
+            "probe_seconds": round(self.phases.get("probe", 0.0), 3),
+            # The learning-rate schedule's horizon in epochs (a cross-validation fold's is its refit's horizon).
+            "planned_epochs": results.get("planned_epochs"),
             "split_source": self.data.split_source,
             "split_sizes": self.data.sizes(),
             "shots_per_class": self.data.shots_per_class,
@@ -207,13 +227,30 @@ class RunContext:
             if predictions is not None:
                 write_test_predictions(self.run_dir / PREDICTIONS_FILE, predictions, self.data.class_names)
                 metrics["test_predictions"] = PREDICTIONS_FILE
-            # Last: a run dir with metrics.json is complete (make compare reuses it).
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            curve = results.get("val_curve")
+            if curve is not None:
+                rows = self.data.validation_rows
+                rows = np.arange(len(curve["labels"])) if rows is None else rows
+                write_npz(self.run_dir / VAL_CURVE_FILE, rows=np.asarray(rows, dtype=np.int64), **curve)
+                metrics["val_curve"] = VAL_CURVE_FILE
+            # Last, and whole or not at all: a run dir with metrics.json is complete (make compare reuses it).
+            tmp = self.run_dir / "metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2))
+            tmp.replace(self.run_dir / "metrics.json")
         return metrics
 
 
 PREDICTIONS_FILE = "test_predictions.csv"
 LEAKAGE_FILE = "leakage_pairs.csv"
+# Per-image validation probabilities at every validated epoch (0: the start): epochs, probs, labels, rows (pool index).
+VAL_CURVE_FILE = "val_predictions.npz"
+
+
+def write_npz(path: Path, **arrays) -> None:
+    """``np.savez`` through a temporary file: never a half-written file under the final name."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def test_with_per_class(results: dict, class_names: list[str]) -> dict:

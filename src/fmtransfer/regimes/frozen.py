@@ -46,11 +46,12 @@ def fit_head(
     callbacks: Sequence[pl.Callback] = (),
     planned_epochs: Callable[[int, int, int, int], int] = epochs_for,
     refit: bool = False,
+    schedule_epochs: Callable[[int], int] = lambda epochs: epochs,
 ) -> dict:
     """The configured head, its normaliser fitted on ``train_features``, trained on ``datamodule`` (whose inputs
     ``features`` maps to the head's input, when given), selected on validation, tested once. ``planned_epochs``
     turns (training size, batch size, epochs, min steps) into the epochs to train; ``refit``: no validation (a refit on
-    the whole labelled pool)."""
+    the whole labelled pool); ``schedule_epochs`` turns its epochs into the learning-rate schedule's horizon."""
     reseed(tools.seed)
     dims = {k: int(v.shape[1]) for k, v in train_features.items()}
     head = build_head(head_cfg.name, dims, num_classes, **dict(head_cfg.options))
@@ -62,7 +63,7 @@ def fit_head(
         num_classes,
         lr=head_cfg.lr,
         weight_decay=head_cfg.weight_decay,
-        max_epochs=epochs,
+        max_epochs=schedule_epochs(epochs),
         label_smoothing=head_cfg.label_smoothing,
         features=features,
     )
@@ -103,6 +104,7 @@ class FrozenRegime:
             callbacks=callbacks,
             planned_epochs=ctx.planned_epochs,
             refit=ctx.refit,
+            schedule_epochs=ctx.schedule_epochs,
         )
         return ctx.metrics(
             self.name,

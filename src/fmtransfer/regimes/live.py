@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ class BackboneTraining:
             lr=self.lr,
             backbone_lr=self.backbone_lr,
             weight_decay=self.weight_decay,
-            max_epochs=epochs,
+            max_epochs=ctx.schedule_epochs(epochs),
             features=features,
         )
         trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True, validate=not ctx.refit)
@@ -76,19 +77,20 @@ def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearPro
     """A linear head on ``pre_logits``; with ``probe_init`` it starts as a probe fitted on the frozen features (LP-FT).
 
     The frozen pre-logits come from the feature cache (a hit when the frozen regime ran with the same settings).
-    A refit (no validation split) fits the probe for its full number of steps.
+    The probe is fitted for its fixed number of steps on the training split alone, in a fold as in a refit: the
+    start a fold validates is the start its refit trains from, and it never saw the fold's validation images.
     """
     pre = next(lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS)
     if probe_init:
         caches = ctx.cache_splits(ctx.cache_spec([pre]))
-        train, val = (PooledFeatureDataset.from_cache(caches[s].split, [PRE_LOGITS]) for s in ("train", "validation"))
+        train = PooledFeatureDataset.from_cache(caches["train"].split, [PRE_LOGITS])
     reseed(ctx.seed)
     head = LinearProbeHead({PRE_LOGITS: pre.channels}, ctx.data.num_classes)
     if probe_init:
-        validation = None if ctx.refit else (val.features, val.labels)
-        loss = fit_probe_in_place(head, train.features, train.labels, validation=validation)
-        what = "training loss" if ctx.refit else "validation loss"
-        print(f"[{regime}] head starts as a linear probe on frozen pre_logits ({what} {loss:.3f})")
+        began = time.perf_counter()
+        loss = fit_probe_in_place(head, train.features, train.labels)
+        ctx.add_phase("probe", time.perf_counter() - began)
+        print(f"[{regime}] head starts as a linear probe on frozen pre_logits (training loss {loss:.3f})")
     return head
 
 

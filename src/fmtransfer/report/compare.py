@@ -35,6 +35,35 @@ def test_predictions(records: list[dict], class_names: list[str]) -> tuple[np.nd
     return labels, preds
 
 
+def out_of_fold(records: list[dict], shots: str) -> dict:
+    """``{regime: {"rows", "labels", "preds"}}``: each regime's chosen out-of-fold predictions for ``shots`` (from
+    its selection's ``oof.npz``; regimes without one are left out)."""
+    out = {}
+    for rec in records:
+        path = (rec.get("selection") or {}).get("oof")
+        if rec["shots_per_class"] != shots or rec["regime"] in out or not path or not Path(path).is_file():
+            continue
+        with np.load(path) as z:
+            out[rec["regime"]] = {"rows": z["rows"], "labels": z["labels"], "preds": z["probs"].argmax(1)}
+    return out
+
+
+def selection_test_gaps(summary: dict, verdict_: dict, metric: str) -> list[dict]:
+    """Regimes whose selection and test scores differ by more than their combined 95% intervals (a shift between
+    the labelled pool and the test split that no selection on training data can see)."""
+    out = []
+    for regime, sel in verdict_["selection"].items():
+        row = summary[regime][verdict_["shots"]]
+        test = (row.get("test_bootstrap") or {}).get(metric)
+        if sel["score"] is None or test is None:
+            continue
+        gap = sel["score"] - test["mean"]
+        bound = 1.96 * float(np.hypot(sel["se"], test["se"]))
+        if abs(gap) > bound:
+            out.append({"regime": regime, "selection": sel["score"], "test": test["mean"], "gap": gap, "bound": bound})
+    return out
+
+
 def decide(results: dict, metric: str) -> None:
     """Add bootstrap test intervals to ``results["summary"]`` and decide ``results["verdict"]`` (in place)."""
     class_names = results["class_names"]
@@ -51,7 +80,9 @@ def decide(results: dict, metric: str) -> None:
         if labels is not None
         else None
     )
-    results["verdict"] = verdict(summary, metric, paired)
+    oof = out_of_fold(results["runs"], shots)
+    results["verdict"] = verdict(summary, metric, paired, oof, num_classes=len(class_names))
+    results["verdict"]["selection_test_gaps"] = selection_test_gaps(summary, results["verdict"], metric)
 
 
 def rewrite_report(report_dir: Path, metric: str | None = None) -> None:
@@ -78,7 +109,7 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
         "preset_note": cfg.compare.preset_note,
         "dataset": str(cfg.data.path),
         "backbone": cfg.backbone.name,
-        "frozen_head": cfg.head.name,
+        "user_overrides": list(cfg.compare.get("user_overrides") or []),
         "class_names": json.loads((Path(records[0]["run_dir"]) / "metrics.json").read_text())["class_names"],
         "runs": records,
         "not_run": skipped,

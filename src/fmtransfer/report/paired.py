@@ -2,8 +2,10 @@
 
 Every run of a comparison predicts the same test images in the same order (``test_predictions.csv``), so two regimes
 are compared on the same images: a paired bootstrap resamples test images once for both, which is what tells a
-real difference from the luck of which images ended up in a small test split. Seeds are averaged inside each
-resample, so the interval holds both sources of variation the report cares about.
+real difference from the luck of which images ended up in a small test split. The bootstrap has two levels: each
+resample draws seeds (jointly for every regime: seed s of every regime trained on the same k-shot subset), then test
+images; the statistic is the metric averaged over the drawn seeds. So seed-to-seed (and subset-to-subset) variation
+widens the interval as test-set sampling does. Draws are made in chunks, so memory stays bounded for 100k images.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from fmtransfer.metrics import METRIC_NAMES
 
 RESAMPLES = 2000
+CHUNK_CELLS = 4_000_000  # resamples x images drawn at a time (a few tens of MB whatever the test split's size)
 
 
 def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -52,13 +55,36 @@ def _seed_mean(metric: str, labels: np.ndarray, preds: np.ndarray, num_classes: 
 
 
 def _resampled(metric: str, labels: np.ndarray, preds: list[np.ndarray], num_classes: int, resamples: int, seed: int):
-    """Seed-averaged metric of each prediction set in ``preds`` on the same bootstrap resamples of the test images."""
+    """Seed-averaged metric of each prediction set in ``preds`` (each seeds x n) on the same two-level bootstrap
+    resamples: seeds drawn with replacement (the same draw for every set when all have as many seeds, else drawn per
+    set), then test images drawn with replacement (the same for every set)."""
     rng = np.random.default_rng(seed)
     n = len(labels)
-    draws = rng.integers(0, n, size=(resamples, n))
-    if metric == "acc":  # vectorised: the mean of per-image correctness, averaged over seeds
-        return [np.asarray(p == labels, dtype=float).mean(0)[draws].mean(1) for p in preds]
-    return [np.array([_seed_mean(metric, labels, p, num_classes, d) for d in draws]) for p in preds]
+    counts = {len(p) for p in preds}
+    joint = len(counts) == 1
+    chunk = max(1, CHUNK_CELLS // max(n, 1))
+    out: list[list[np.ndarray]] = [[] for _ in preds]
+    correct = [np.asarray(p == labels, dtype=np.float32) for p in preds] if metric == "acc" else None
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        images = rng.integers(0, n, size=(b, n))
+        shared = rng.integers(0, next(iter(counts)), size=(b, next(iter(counts)))) if joint else None
+        for k, p in enumerate(preds):
+            drawn = shared if joint else rng.integers(0, len(p), size=(b, len(p)))
+            if correct is not None:  # vectorised: seed weights x per-image correctness, then the images drawn
+                weights = (drawn[:, :, None] == np.arange(len(p))).mean(1, dtype=np.float32)
+                per_image = weights @ correct[k]
+                out[k].append(np.take_along_axis(per_image, images, axis=1).mean(1))
+            else:
+                out[k].append(
+                    np.array(
+                        [
+                            np.mean([metric_value(metric, labels[idx], p[s][idx], num_classes) for s in seeds])
+                            for seeds, idx in zip(drawn, images, strict=True)
+                        ]
+                    )
+                )
+    return [np.concatenate(o) for o in out]
 
 
 def bootstrap_interval(
@@ -97,3 +123,27 @@ def paired_difference(
     tail = min(np.sum(diffs <= 0), np.sum(diffs >= 0))
     p_value = min(1.0, 2 * (tail + 1) / (len(diffs) + 1))
     return {"diff": diff, "ci95": [float(lo), float(hi)], "p_value": float(p_value)}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (family-wise error over the winner's comparisons)."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    stepped = np.maximum.accumulate([(m - i) * p[j] for i, j in enumerate(order)]) if m else np.array([])
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted.tolist()
+
+
+def paired_se(metric: str, labels: np.ndarray, a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
+    """The standard error of metric(a) - metric(b) on the same images (one prediction per image each): for accuracy
+    the standard error of the mean per-image difference; for macro averages a paired bootstrap's (500 resamples)."""
+    n = len(labels)
+    if n < 2:
+        return 0.0
+    if metric == "acc":
+        d = (a == labels).astype(float) - (b == labels).astype(float)
+        return float(d.std(ddof=1) / np.sqrt(n))
+    sa, sb = _resampled(metric, labels, [a[None], b[None]], num_classes, 500, 0)
+    return float((sa - sb).std(ddof=1))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import io
-from pathlib import Path
 
 import matplotlib
 
@@ -22,36 +20,32 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def read_epoch_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch ``val/acc``, ``val/loss`` and ``train/loss`` from a run's CSV log."""
-    path = Path(run_dir) / "csv" / "metrics.csv"
-    series: dict[str, list[tuple[int, float]]] = {"val/acc": [], "val/loss": [], "train/loss": []}
-    if not path.is_file():
-        return series
-    rows = list(csv.DictReader(path.open()))
-    fit_rows = rows[: next((i for i, r in enumerate(rows) if r.get("test/acc")), len(rows))]
-    seen = set()
-    for r in fit_rows:
-        for key in series:
-            if r.get(key) and (key, r["epoch"]) not in seen:
-                seen.add((key, r["epoch"]))
-                series[key].append((int(r["epoch"]), float(r[key])))
-    return {k: v[:-1] if k.startswith("val") and len(v) > len(series["train/loss"]) else v for k, v in series.items()}
+# One colour per regime in every figure (matplotlib's tab10 order); other names follow in order.
+REGIME_COLOURS = {"frozen": "C0", "partial": "C1", "finetune": "C2", "scratch": "C3"}
 
 
-def learning_curves(runs: dict[str, Path]) -> bytes:
-    """Validation accuracy and training loss per epoch, one line per regime."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for regime, run_dir in runs.items():
-        log = read_epoch_log(run_dir)
-        if log["val/acc"]:
-            ax_acc.plot(*zip(*log["val/acc"], strict=True), marker=".", label=regime)
-        if log["train/loss"]:
-            ax_loss.plot(*zip(*log["train/loss"], strict=True), marker=".", label=regime)
-    ax_acc.set(title="validation accuracy", xlabel="epoch")
-    ax_loss.set(title="training loss", xlabel="epoch", yscale="log")
-    if ax_acc.get_legend_handles_labels()[0]:
-        ax_acc.legend()
+def regime_colour(regime: str) -> str:
+    return REGIME_COLOURS.get(regime, f"C{4 + sum(map(ord, regime)) % 6}")
+
+
+def learning_curves(curves: dict[str, dict]) -> bytes:
+    """One panel per regime: the pooled out-of-fold validation loss at every validated epoch (0: the start), the
+    chosen epoch marked. ``curves``: ``{regime: {"loss": {epoch: loss}, "chosen": epoch, "horizon": epochs}}``."""
+    n = max(1, len(curves))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False)
+    for ax, (regime, c) in zip(axes[0], curves.items(), strict=False):
+        epochs = sorted(int(e) for e in c["loss"])
+        losses = [c["loss"][str(e)] if str(e) in c["loss"] else c["loss"][e] for e in epochs]
+        ax.plot(epochs, losses, marker=".", color=regime_colour(regime))
+        chosen = c.get("chosen")
+        if chosen is not None:
+            ax.axvline(chosen, color="0.5", linestyle="--", linewidth=1)
+        ax.set(
+            title=f"{regime}: chosen epoch {chosen} of {c.get('horizon')}",
+            xlabel="epochs trained (0: the start)",
+            ylabel="pooled validation loss",
+        )
+        ax.title.set_fontsize(9)
     return _png(fig)
 
 
@@ -78,7 +72,7 @@ def accuracy_vs_shots(summary: dict) -> bytes:
         xs = [i for i, k in enumerate(keys) if k in by]
         ys = [by[keys[i]]["test"]["acc"]["mean"] for i in xs]
         es = [by[keys[i]]["test"]["acc"]["std"] for i in xs]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=regime)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=regime, color=regime_colour(regime))
     ax.set_xticks(range(len(keys)), keys)
     ax.set(xlabel="training images per class", ylabel="test accuracy", title="accuracy vs shots per class")
     ax.legend()

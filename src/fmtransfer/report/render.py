@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fmtransfer.report import plots
 from fmtransfer.report.paired import RESAMPLES
-from fmtransfer.report.verdict import selection_score
+from fmtransfer.report.verdict import STARTS_AS_PROBE, selection_score
 
 MEMORY_KINDS = {"gpu_max_allocated": "GPU", "cpu_rss_increase": "RSS"}
 METRIC_LABELS = {"acc": "accuracy", "f1_macro": "macro-F1", "balanced_acc": "balanced accuracy"}
@@ -30,6 +30,14 @@ def _interval(ci) -> str:
     return f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci else "(no per-image predictions)"
 
 
+def winner_phrase(verdict: dict) -> str:
+    """The verdict's subject: the winning regime, or, when its final runs trained 0 epochs, what it is (its start)."""
+    model = verdict.get("winner_model") or {"regime": verdict["winner"], "trained_epochs": None}
+    if model.get("trained_epochs") == 0 and model["regime"] != "frozen":
+        return f"**A {model['is']}** (the start of {model['regime']}: 0 epochs trained)"
+    return f"**{model['regime']}** ({model['is']})" if model.get("is") else f"**{model['regime']}**"
+
+
 def verdict_text(verdict: dict, summary: dict) -> str:
     """The verdict (``report.verdict.verdict``) in words, with the numbers it rests on."""
     shots, winner, metric = verdict["shots"], verdict["winner"], verdict["metric"]
@@ -39,41 +47,53 @@ def verdict_text(verdict: dict, summary: dict) -> str:
     test = w.get("test_bootstrap", {}).get(metric) or w["test"][metric]
     n = len(w["seeds"])
     best = verdict["best_selection"]
+    models = verdict.get("models") or {}
+    gap_se = verdict.get("gap_se") or {}
     why = (
         f"the best selection {label}"
         if best == winner
         else (
-            f"the cheapest regime within one standard error of the best selection {label} ({best}: "
-            f"{score_text(sel[best])})"
+            f"the cheapest within one standard error of the best selection {label} ({best}: "
+            f"{score_text(sel[best])}; gap {(sel[best]['score'] - sel[winner]['score']) * 100:.1f} points, paired "
+            f"SE {(gap_se.get(winner) or 0.0) * 100:.1f})"
         )
     )
     lines = [
-        f"**{winner}** wins with {'all training images' if shots == 'all' else f'{shots} images per class'}: {why}, "
-        f"{score_text(sel[winner])} on {sel[winner]['n_scored']} labelled images "
+        f"{winner_phrase(verdict)} wins with {'all training images' if shots == 'all' else f'{shots} images per class'}"
+        f": {why}, {score_text(sel[winner])} on {sel[winner]['n_scored']} labelled images "
         f"({protocol_text(w.get('selection'), n, shots)}). Test {label} {test['mean']:.3f} "
-        f"(95% CI {test['ci95'][0]:.3f}–{test['ci95'][1]:.3f}, test images resampled, seeds averaged); "
-        f"{w['trainable_params']:,} trainable parameters, {verdict['cost_seconds'][winner]:.1f} s (training + "
-        "feature extraction)."
+        f"(95% CI {test['ci95'][0]:.3f}–{test['ci95'][1]:.3f}, seeds and test images resampled); "
+        f"{w['trainable_params']:,} trainable parameters, {verdict['cost_seconds'][winner]:.1f} s per run (what the "
+        f"model needs: extraction of the levels and image size it reads, probe fit, training)."
     ]
+    model = verdict.get("winner_model") or {}
+    if model.get("trained_epochs") == 0 and model.get("regime") in STARTS_AS_PROBE:
+        lines.append(
+            f"Fine-tuning did not improve on a linear probe: {model['regime']}'s selection found its lowest pooled "
+            "validation loss at epoch 0, so its final runs keep the probe it starts from (LP-FT's first stage)."
+        )
+    if verdict["comparisons"]:
+        lines.append(
+            f"Against the others on the test split (paired, seeds and test images resampled; intervals unadjusted, "
+            f"p-values Holm-adjusted over {len(verdict['comparisons'])} comparisons, clear when adjusted p < 0.05):"
+        )
     for c in verdict["comparisons"]:
         other, o = c["regime"], rows[c["regime"]]
-        p = "" if c["p_value"] is None else f", p {p_value_text(c['p_value'])}"
+        p = "" if c["p_value"] is None else f", p {p_value_text(c['p_value'])} (adjusted {c['p_adjusted']:.3f})"
+        what = models.get(other, {}).get("is", other)
+        clear = "a clear difference" if c["clear"] else "not a clear difference"
         lines.append(
-            f"- vs **{other}** ({o['test'][metric]['mean']:.3f} on test): {c['diff'] * 100:+.1f} points, paired 95% "
-            f"interval {_interval(c['ci95'])}{p}: {'a clear difference' if c['clear'] else 'not a clear difference'}; "
-            f"{other} trains {o['trainable_params']:,} parameters, "
+            f"- vs **{other}** ({what}; {o['test'][metric]['mean']:.3f} on test): {c['diff'] * 100:+.1f} points, "
+            f"95% interval {_interval(c['ci95'])}{p}: {clear}; {o['trainable_params']:,} trainable parameters, "
             f"{verdict['cost_seconds'][other]:.1f} s ({time_ratio_text(c['cost_ratio'])})."
         )
     for regime in verdict["kept_start"]:
-        probe = " (a linear probe on the frozen features)" if regime in ("partial", "finetune") else ""
-        how = KEPT_HOW.get(protocol_of(rows[regime]), KEPT_HOW["validation"])
-        won = (
-            f" **The winner is that start**: its {rows[regime]['trainable_params']:,} trainable parameters were not "
-            "trained past it."
-            if regime == winner
-            else ""
+        if regime == winner:
+            continue
+        lines.append(
+            f"{regime} trained 0 epochs (its lowest pooled validation loss was its start): it competes as its start "
+            f"({models.get(regime, {}).get('is', regime)})."
         )
-        lines.append(f"Every {regime} run kept its starting weights ({how}): what it reports is its start{probe}.{won}")
     if verdict["best_on_test"] != winner:
         lines.append(
             f"On the test split **{verdict['best_on_test']}** scores highest; the winner is chosen on labelled "
@@ -83,21 +103,17 @@ def verdict_text(verdict: dict, summary: dict) -> str:
     if verdict["cheaper"]:
         gaps = ", ".join(f"{c['regime']} ({-c['score_gap'] * 100:+.1f} points)" for c in verdict["cheaper"])
         lines.append(f"Cheaper than the winner but more than one standard error below it on selection: {gaps}.")
+    for g in verdict.get("selection_test_gaps") or []:
+        lines.append(
+            f"Warning: {g['regime']}'s selection {label} {g['selection']:.3f} and test {label} {g['test']:.3f} differ "
+            f"by more than their combined 95% intervals (±{g['bound']:.3f}): the test split differs from the labelled "
+            "pool in a way selection on training data cannot see."
+        )
     return "\n".join(lines)
-
-
-KEPT_HOW = {
-    "cv": "no cross-validation fold improved on them, so the final runs train 0 epochs",
-    "validation": "no epoch improved the validation loss",
-}
 
 
 def score_text(sel: dict) -> str:
     return "no score" if sel["score"] is None else f"{sel['score']:.3f} ± {sel['se']:.3f}"
-
-
-def protocol_of(row: dict) -> str:
-    return (row.get("selection") or {}).get("protocol") or "validation"
 
 
 def protocol_text(selection: dict | None, seeds: int, shots: str = "all") -> str:
@@ -105,10 +121,10 @@ def protocol_text(selection: dict | None, seeds: int, shots: str = "all") -> str
     protocol = (selection or {}).get("protocol") or "validation"
     if protocol == "cv":
         pool = "train + validation" if shots == "all" else f"the first seed's {shots} labelled images per class"
-        return f"{selection['folds']}-fold cross-validation over {pool}, once for all seeds"
+        return f"pooled out-of-fold, {selection['folds']}-fold cross-validation over {pool}, once for all seeds"
     if protocol == "none":
         return "no selection: a class has a single labelled image"
-    return f"the validation split, mean of {seeds} seed{'s' if seeds > 1 else ''}"
+    return "the given validation split, once for all seeds; the final runs retrain on train + validation"
 
 
 def selection_cell(row: dict) -> str:
@@ -116,7 +132,9 @@ def selection_cell(row: dict) -> str:
     if not row["val"]:
         return "–"
     sel = selection_score(row, "acc")
-    return f"{sel['score']:.3f} ± {sel['se']:.3f} ({protocol_short(row.get('selection'))})"
+    n = len((row.get("selection") or {}).get("candidates") or [])
+    best_of = f", best of {n}" if n > 1 else ""
+    return f"{sel['score']:.3f} ± {sel['se']:.3f} ({protocol_short(row.get('selection'))}{best_of})"
 
 
 def protocol_short(selection: dict | None) -> str:
@@ -125,14 +143,15 @@ def protocol_short(selection: dict | None) -> str:
 
 
 def chosen_text(selection: dict | None) -> str:
-    """The chosen candidate of a regime's sweep, and the final runs' epochs under cross-validation."""
+    """The chosen candidate of a regime's sweep, and the epoch chosen of the planned schedule."""
     if not selection:
         return "–"
     settings = selection.get("settings") or {}
     overrides = " ".join(settings.get("overrides") or []) or "configured"
     n = len(selection.get("candidates") or [])
-    epochs = settings.get("epochs")
-    return f"{overrides}{f' (of {n})' if n > 1 else ''}{f'; {epochs} epochs' if epochs is not None else ''}"
+    epochs, horizon = settings.get("epochs"), settings.get("horizon")
+    at = f"; epoch {epochs} of {horizon}" if epochs is not None else ""
+    return f"{overrides}{f' (of {n})' if n > 1 else ''}{at}"
 
 
 def fmt_interval(s: dict | None) -> str:
@@ -154,8 +173,9 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
         "trainable params",
         "train time (s)",
         "cost (s)",
+        "selection (s)",
         "s / epoch",
-        "epochs",
+        "epochs trained",
         "image size",
         "peak memory (MB)",
         "kept start",
@@ -176,6 +196,7 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
                 f"{s['trainable_params']:,}",
                 f"{s['train_seconds']['mean']:.1f} ± {s['train_seconds']['std']:.1f}",
                 f"{s['cost_seconds']:.1f}",
+                f"{s.get('selection_seconds', 0.0):.0f}",
                 f"{s['seconds_per_epoch']['mean']:.2f}",
                 f"{s['epochs']['mean']:.0f}",
                 f"{s['image_size'][-1]} px",
@@ -187,11 +208,11 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
 
 
 KEPT_START_NOTE = (
-    "kept start: runs whose selection found no epoch of training better than the starting weights (under "
-    "cross-validation: in every fold; else on the validation loss), so the starting weights were kept (for partial "
-    "and finetune the start is a linear probe on the frozen features: such a run scores as that probe does). "
-    "selection accuracy: the score the regime's settings were chosen on (cross-validated over train + validation, "
-    "or on a given validation split of 200+ images); the test split is touched once per final run."
+    "kept start: final runs that trained 0 epochs because the pooled out-of-fold validation loss was lowest at the "
+    "start (for partial and finetune a linear probe on the frozen pre-logits: such a run is that probe). "
+    "selection accuracy: pooled out-of-fold accuracy at the chosen epoch ± its binomial SE (best of N: the regime's "
+    "sweep had N candidates); the test split is touched once per final run. cost: per final run, extraction of the "
+    "levels and image size the model reads + probe fit + training; selection: every selection run, not in the cost."
 )
 
 
@@ -228,30 +249,33 @@ def per_class_table(results: dict) -> list[list[str]] | None:
     return rows
 
 
-def curve_run(record: dict) -> Path:
-    """The run whose per-epoch validation curve shows how a regime's epochs were chosen: its chosen setting's first
-    fold under cross-validation, else the run itself."""
-    sel = record.get("selection") or {}
-    chosen = (sel.get("settings") or {}).get("overrides")
-    for cand in sel.get("candidates") or []:
-        if cand.get("overrides") == chosen and cand.get("run_dirs") and sel.get("protocol") == "cv":
-            return Path(cand["run_dirs"][0])
-    return Path(record["run_dir"])
+def selection_curves(results: dict, shots: str) -> dict[str, dict]:
+    """Each regime's pooled out-of-fold validation loss by epoch for its chosen candidate (what chose its epoch)."""
+    out = {}
+    for r in results["runs"]:
+        sel = r.get("selection") or {}
+        if r["shots_per_class"] != shots or r["regime"] in out:
+            continue
+        chosen = (sel.get("settings") or {}).get("overrides")
+        cand = next((c for c in sel.get("candidates") or [] if c.get("overrides") == chosen), None)
+        if cand and cand.get("loss_by_epoch"):
+            out[r["regime"]] = {"loss": cand["loss_by_epoch"], "chosen": cand["epoch"], "horizon": cand["horizon"]}
+    return out
 
 
 def figures(results: dict) -> dict[str, tuple[str, bytes]]:
     """name -> (caption, PNG) for every figure the data supports."""
     shots = results["verdict"]["shots"]
     winner = results["verdict"]["winner"]
-    curves = {r["regime"]: curve_run(r) for r in reversed(results["runs"]) if r["shots_per_class"] == shots}
-    out = {
-        "learning_curves": (
-            f"Learning curves ({shots} shots): the first cross-validation fold of each regime's chosen setting "
-            f"(validation = the held-out fold; the final runs retrain on the whole pool without one), or the first "
-            f"seed's run where a given validation split chose",
-            plots.learning_curves(dict(sorted(curves.items()))),
+    out = {}
+    curves = selection_curves(results, shots)
+    if curves:
+        out["learning_curves"] = (
+            f"Learning curves ({shots} shots): each regime's validation loss on its pooled out-of-fold predictions "
+            "(the chosen setting) at every validated epoch, 0 being the start; the dashed line is the chosen epoch, "
+            "which the final runs train on the folds' schedule",
+            plots.learning_curves({r: curves[r] for r in results["summary"] if r in curves}),
         )
-    }
     confusion = [
         r["test_confusion"]
         for r in results["runs"]
@@ -271,7 +295,8 @@ def figures(results: dict) -> dict[str, tuple[str, bytes]]:
     depth = results.get("transfer_by_depth")
     if depth:
         out["depth"] = (
-            f"Transfer by depth: linear probe on each cached level, fitted on train, scored on {depth['split']}",
+            f"Transfer by depth: linear probe on each cached level, fitted on {depth.get('fit_on', 'train')}, scored "
+            f"{depth['split']}" + (f" ({depth['n_scored']} images)" if depth.get("n_scored") else ""),
             plots.depth_curve(depth["accuracy"], depth["split"]),
         )
     return out
@@ -324,22 +349,42 @@ def leakage_text(leakage: dict | None) -> str:
     )
 
 
+def what_ran(results: dict) -> str:
+    """Per regime and shots setting, what its final runs actually were (from the runs, not the preset)."""
+    models = results["verdict"].get("models") or {}
+    parts = []
+    for regime, by in results["summary"].items():
+        for shots, row in by.items():
+            if shots != results["verdict"]["shots"]:
+                continue
+            what = models.get(regime, {}).get("is") or regime
+            sel = (row.get("selection") or {}).get("settings") or {}
+            schedule = f", epoch {sel['epochs']} of a {sel['horizon']}-epoch schedule" if sel.get("horizon") else ""
+            parts.append(f"{regime}: {what}{schedule}")
+    return "What ran: " + "; ".join(parts) + "." if parts else ""
+
+
 def sections(results: dict) -> list[tuple[str, str]]:
     """(title, markdown body) pairs shared by both renderings (tables are added per format)."""
     env = results["environment"]
+    overrides = results.get("user_overrides") or []
+    folds = sorted({(r.get("selection") or {}).get("folds") for r in results["runs"]} - {None, 0})
     return [
         (
             "Setup",
-            f"Dataset `{results['dataset']}`, backbone `{results['backbone']}` (frozen regime head: "
-            f"`{results['frozen_head']}`), preset **{results['preset']}**: {results['preset_note']} "
+            f"Dataset `{results['dataset']}`, backbone `{results['backbone']}`, preset **{results['preset']}**: "
+            f"{results['preset_note']} "
+            + (f"Your overrides (they win over the sweep): `{' '.join(overrides)}`. " if overrides else "")
+            + f"{what_ran(results)} "
             f"Same splits for every run (split seed fixed); seeds {sorted({r['seed'] for r in results['runs']})}. "
-            f"Each regime's settings and epochs are chosen on labelled data only, once per shots setting: "
-            f"stratified k-fold cross-validation over train + validation (under k-shot only the k shots per class), "
-            f"then every seed's final run retrains on that pool and touches the test split once; a given validation "
-            f"split of compare.selection.min_scored images or more is used as it is. "
-            f"Numbers are mean ± std [95% CI] over seeds, except where the 95% interval is over test images "
-            f"(bootstrap, seeds averaged). Cost: training time + building the train/validation feature caches a "
-            f"regime reads (what running that regime alone would take). "
+            f"One protocol for every regime, chosen on labelled data only, once per shots setting: the same "
+            f"stratified, group-aware folds ({', '.join(map(str, folds)) or 'none'}) over train + validation (under "
+            f"k-shot only the k shots per class; copies of one image stay in one fold; a given validation split of "
+            f"compare.selection.min_scored images or more is the one fold); each candidate's epoch is the lowest "
+            f"pooled out-of-fold validation loss (0: the start), its score the pooled out-of-fold "
+            f"{results['verdict']['metric']} there; every seed's final run retrains on the pool for that epoch on the "
+            f"folds' schedule and touches the test split once. Numbers are mean ± std [95% CI] over seeds, except "
+            f"where the 95% interval is over seeds and test images (two-level bootstrap). "
             + (leakage_text(results["runs"][0]["leakage"]) if "leakage" in results["runs"][0] else "")
             + not_run_text(results.get("not_run", [])),
         ),

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from fmtransfer.analysis import transfer_by_depth
 from fmtransfer.errors import ConfigError
 from fmtransfer.hashing import mapping_key, source_fingerprint
-from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.regimes import run_regime, with_regime
 from fmtransfer.report.selection import Selection, final_config, select
 
@@ -60,7 +59,7 @@ def report_dir_for(cfg: DictConfig) -> Path:
         "shots": [shots_key(s) for s in c.shots],
         # How settings are chosen changes the fold runs and the final runs.
         "metric": c.get("metric"),
-        **{k: OmegaConf.to_container(c[k]) for k in ("selection", "folds", "sweep") if k in c},
+        **{k: OmegaConf.to_container(c[k]) for k in ("selection", "sweep") if k in c},
     }
     return Path(c.out_dir) / f"{c.name}-{c.preset}-{mapping_key(identity)}"
 
@@ -126,23 +125,32 @@ class BudgetedRunner:
 
 
 def run_record(metrics: dict, run_dir: Path, shots: str, selection: Selection) -> dict:
-    """One final run as ``results.json`` lists it; ``val`` is the selection's score (cross-validated, or the given
-    validation split's), ``selected`` says when the folds kept the regime's start."""
+    """One final run as ``results.json`` lists it; ``val`` is the selection's score (pooled out-of-fold, or the
+    given validation split's), ``selected`` says when the selection kept the regime's start (0 epochs trained)."""
     record = {k: metrics.get(k) for k in RUN_FIELDS}
     record.update(
         shots_per_class=shots,
         run_dir=str(run_dir),
         selection=selection.as_record(),
         extract_seconds=extract_seconds_of(metrics),
+        probe_seconds=float(metrics.get("probe_seconds") or 0.0),
         test_predictions=str(run_dir / metrics["test_predictions"]) if metrics.get("test_predictions") else None,
+        head=metrics.get("head"),
+        split_level=(metrics.get("partial") or {}).get("split_level"),
     )
-    if selection.protocol == "cv":
-        record["val"] = selection.scores
-        if selection.kept_start:
-            record["selected"] = "initial state (no cross-validation fold improved on the starting weights)"
-    elif selection.protocol == "none":
-        record["val"] = None
+    record["val"] = selection.scores
+    if selection.kept_start:
+        record["selected"] = "initial state (the pooled validation loss was lowest at epoch 0: 0 epochs trained)"
     return record
+
+
+def final_run_config(cfg: DictConfig, regime: str, seed: int, shots: str, selection: Selection) -> DictConfig:
+    """A final run's config. A frozen head's final run caches exactly the levels its head reads, so its cost is
+    the extraction the chosen model needs (not every level the selection's candidates read)."""
+    final = final_config(run_config(cfg, regime, seed, shots), selection)
+    if regime == "frozen":
+        OmegaConf.update(final, "cache.levels", final.head.levels, merge=False)
+    return final
 
 
 def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -165,17 +173,12 @@ def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
         group = []
         for seed in seeds:
             run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
-            final = final_config(run_config(cfg, regime, seed, shots), selection)
+            final = final_run_config(cfg, regime, seed, shots, selection)
             metrics = runner(f"[compare {g}/{len(groups)}] {regime}, seed {seed}, shots {shots}", final, run_dir)
             if metrics is None:
                 skipped.append({"regime": regime, "seed": seed, "shots_per_class": shots})
                 continue
             group.append((metrics, run_dir))
-        if selection.protocol == "validation" and selection.score is None and group:
-            # One candidate on a large given validation split: the final runs are its selection runs.
-            selection.scores = {m: sum(x["val"][m] for x, _ in group) / len(group) for m in METRIC_NAMES}
-            selection.score = selection.scores[cfg.compare.metric]
-            selection.n_scored = int(group[0][0]["split_sizes"]["validation"])
         records += [run_record(metrics, run_dir, shots, selection) for metrics, run_dir in group]
     if not records:
         raise ConfigError(
@@ -190,27 +193,40 @@ def describe_selection(selection: Selection) -> str:
     chosen = " ".join(selection.overrides) or "the configured settings"
     if selection.protocol == "none":
         return f"no selection (a class has one labelled image): {chosen}, trained on the pool"
-    if selection.protocol == "validation":
-        return f"{chosen}, chosen on the given validation split"
+    how = f"{selection.folds}-fold CV" if selection.protocol == "cv" else "the given validation split"
     return (
-        f"{chosen}: {selection.folds}-fold CV {selection.metric} {selection.score:.4f} on {selection.n_scored} "
-        f"images; final runs retrain on the pool for {selection.epochs} epochs"
-        f"{' (every fold kept its start)' if selection.kept_start else ''}"
+        f"{chosen}: {how} {selection.metric} {selection.score:.4f} on {selection.n_scored} images; final runs "
+        f"retrain on the pool for {selection.epochs} of {selection.horizon} planned epochs"
+        f"{' (the start: 0 epochs trained)' if selection.kept_start else ''}"
     )
 
 
 def depth_curve(records: list[dict]) -> dict | None:
-    """Linear-probe accuracy per cached level (validation split), from the frozen run of the first seed."""
+    """Linear-probe accuracy per cached level, out of fold: fitted on each selection fold's training part and
+    scored on its held-out part (the fold runs of frozen's first candidate), pooled over the folds."""
     from fmtransfer.cache import CachedSplit
 
     frozen = next((r for r in records if r["regime"] == "frozen" and r["shots_per_class"] == "all"), None)
-    if frozen is None:
+    candidates = ((frozen or {}).get("selection") or {}).get("candidates") or []
+    if not candidates:
         return None
-    metrics = json.loads((Path(frozen["run_dir"]) / "metrics.json").read_text())
-    entries = metrics["cache"]["entries"]
-    splits = {s: CachedSplit(Path(p), json.loads((Path(p) / "manifest.json").read_text())) for s, p in entries.items()}
+    correct: dict[str, float] = {}
+    total = 0
+    for run_dir in candidates[0]["run_dirs"]:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        entries = metrics["cache"]["entries"]
+        splits = {
+            s: CachedSplit(Path(entries[s]), json.loads((Path(entries[s]) / "manifest.json").read_text()))
+            for s in ("train", "validation")
+        }
+        n = splits["validation"].num_samples
+        for level, acc in transfer_by_depth(splits["train"], splits["validation"]).items():
+            correct[level] = correct.get(level, 0.0) + acc * n
+        total += n
+    protocol = frozen["selection"]["protocol"]
     return {
-        "split": "validation",
-        "fit_on": "train",
-        "accuracy": transfer_by_depth(splits["train"], splits["validation"]),
+        "split": "out of fold" if protocol == "cv" else "validation",
+        "fit_on": "each fold's training part" if protocol == "cv" else "train",
+        "n_scored": total,
+        "accuracy": {level: c / total for level, c in correct.items()},
     }

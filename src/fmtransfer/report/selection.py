@@ -1,23 +1,26 @@
-"""Choosing a regime's settings on labelled data only, once per (regime, shots), before its final runs.
+"""Choosing a regime's settings and epochs on labelled data only, once per (regime, shots), before its final runs.
 
-The protocol (after VTAB-1k's: tune on held-out labelled data, retrain on all of it, test once; and "true few-shot"
-selection: with k labels per class, only those k may be used to choose):
+One protocol for every regime of a comparison (after VTAB-1k's: tune on held-out labelled data, retrain on all of
+it, test once; and "true few-shot" selection: with k labels per class, only those k may be used to choose):
 
-- ``cv``: stratified k-fold cross-validation over the labelled pool (train + validation; under k-shot only the k
-  shots per class). Every candidate setting of the regime's sweep (``compare.sweep.<regime>``) trains on each fold's
-  rest and is scored on the fold; the score is over every pooled image (``n_scored`` = pool size). The best
-  candidate's epochs are the median of its folds' best epochs; the final runs retrain on the whole pool for that many
-  epochs (no validation left to pick a checkpoint) and touch the test split once. A regime whose folds never beat
-  their starting weights (e.g. a linear probe) "kept its start".
-- ``validation``: a given validation split of at least ``compare.selection.min_scored`` images (all shots) is used
-  as it is: candidates train on train and are scored there; the final runs select their checkpoint on it.
+- ``cv``: stratified, group-aware k-fold cross-validation over the labelled pool (train + validation; under k-shot
+  only the k shots per class); the same folds for every regime (copies of one image stay in one fold). Every
+  candidate of the regime's sweep (``compare.sweep.<regime>``) trains on each fold's rest and keeps its per-image
+  probabilities on the fold at every validated epoch, the start (epoch 0) included.
+- ``validation``: a given validation split of at least ``compare.selection.min_scored`` images (all shots) is the
+  one "fold": candidates train on train and are scored there.
 - ``none``: a class with a single labelled image leaves nothing to hold out: the first candidate, its configured
   epochs, trained on the pool with no validation; no selection score.
+
+A candidate's epoch is the argmin of its validation loss over the pooled out-of-fold predictions (the fold-size-
+weighted mean of the folds' losses), over the epochs every fold validated; its score is ``compare.metric`` on those
+pooled predictions at that epoch. The best-scoring candidate wins. The final runs retrain on the whole pool for that
+many epochs on the folds' learning-rate schedule (``data.cv.horizon``), without validation, and touch the test split
+once; chosen epoch 0 means the start was kept and the final runs train 0 epochs.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from fmtransfer.data.splits import cv_folds_for
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.regimes import load_data
+from fmtransfer.report.paired import metric_value
 
 RunFn = Callable[[str, DictConfig, Path], "dict | None"]  # (label, run config, run dir) -> metrics, None if skipped
 
@@ -44,12 +48,14 @@ class Selection:
     score: float | None = None
     scores: dict | None = None  # every metric of the chosen candidate, pooled over the folds
     n_scored: int = 0
-    folds: int = 0
-    epochs: int | None = None  # refit epochs (cv) or None
+    folds: int = 0  # cv: k; validation: 1 (the given split)
+    epochs: int | None = None  # the chosen epoch: what the final runs train (0: the start); None: configured
+    horizon: int | None = None  # the folds' planned epochs: the final runs' learning-rate schedule
     kept_start: bool = False
     candidates: list[dict] = field(default_factory=list)
-    seconds: float = 0.0  # training time of every selection run
+    seconds: float = 0.0  # wall time of every selection run
     complete: bool = True  # False: the time budget stopped it before every candidate was scored
+    oof: str | None = None  # the chosen candidate's pooled out-of-fold predictions (npz: rows, labels, probs)
 
     def as_record(self) -> dict:
         return {
@@ -57,11 +63,13 @@ class Selection:
             "metric": self.metric,
             "score": self.score,
             "n_scored": self.n_scored,
-            "settings": {"overrides": self.overrides, "epochs": self.epochs},
+            "settings": {"overrides": self.overrides, "epochs": self.epochs, "horizon": self.horizon},
             "folds": self.folds,
             "kept_start": self.kept_start,
             "candidates": self.candidates,
+            "n_candidates": len(self.candidates),
             "seconds": round(self.seconds, 3),
+            "oof": self.oof,
         }
 
 
@@ -73,6 +81,42 @@ def candidates_of(cfg: DictConfig, regime: str) -> list[list[str]]:
         bad = [o for o in cand if "=" not in str(o)]
         if bad:
             raise ConfigError(f"compare.sweep.{regime}: {bad} are not key=value overrides (e.g. regime.k=2).")
+    return out
+
+
+def user_keys(overrides: list[str]) -> list[str]:
+    """The config keys a user's command-line overrides set (``key=value``; group choices such as ``head=mlp`` set
+    everything under ``head``); experiment choices and ``compare.*`` settings are not run settings."""
+    keys = []
+    for item in overrides:
+        if "=" not in str(item):
+            continue
+        key = str(item).split("=", 1)[0].lstrip("+~")
+        if key != "experiment" and not key.startswith(("compare.", "hydra.")):
+            keys.append(key)
+    return keys
+
+
+def sweep_without(sweep: dict, keys: list[str]) -> dict:
+    """``compare.sweep`` with every setting a user's override also sets removed from its candidates (the user's
+    value wins; duplicates left behind are merged). ``regimes.<regime>.x`` is that regime's ``regime.x``."""
+
+    def overridden(regime: str, item: str) -> bool:
+        key = str(item).split("=", 1)[0]
+        for user in keys:
+            user = user.replace(f"regimes.{regime}.", "regime.", 1) if user.startswith(f"regimes.{regime}.") else user
+            if key == user or key.startswith(f"{user}."):
+                return True
+        return False
+
+    out = {}
+    for regime, candidates in sweep.items():
+        kept: list[list[str]] = []
+        for cand in candidates or []:
+            cand = [o for o in cand if not overridden(regime, o)]
+            if cand not in kept:
+                kept.append(cand)
+        out[regime] = kept or [[]]
     return out
 
 
@@ -94,78 +138,110 @@ def cv_settings(run: DictConfig, **cv) -> DictConfig:
     return out
 
 
-def pooled_scores(fold_metrics: list[dict]) -> tuple[dict, int]:
-    """Every metric over the folds, each fold weighted by its size (for accuracy exactly the pooled accuracy);
-    and the number of images scored."""
-    sizes = [int(m["split_sizes"]["validation"]) for m in fold_metrics]
-    total = sum(sizes)
-    pairs = list(zip(fold_metrics, sizes, strict=True))
-    return {k: sum(m["val"][k] * n for m, n in pairs) / total for k in METRIC_NAMES}, total
+def candidate_curve(folds: list[dict], num_classes: int) -> dict:
+    """Pool the folds' out-of-fold predictions of one candidate and choose its epoch.
+
+    ``folds``: per fold ``{"epochs": (E,), "probs": (E, n, classes), "labels": (n,), "rows": (n,)}``. Returns
+    ``{"epoch", "loss": {epoch: pooled loss}, "scores": {metric: value at epoch}, "rows", "labels", "probs"}`` with the
+    pooled arrays sorted by pool row. The loss at an epoch is the mean cross-entropy over every pooled image: the
+    fold-size-weighted mean of the folds' validation losses. Ties go to the earlier epoch (less training).
+    """
+    common = sorted(set.intersection(*(set(int(e) for e in f["epochs"]) for f in folds)))
+    if not common:
+        raise ConfigError("the cross-validation folds share no validated epoch; raise trainer.validations_per_run.")
+    rows = np.concatenate([f["rows"] for f in folds])
+    order = np.argsort(rows, kind="stable")
+    labels = np.concatenate([f["labels"] for f in folds])[order]
+
+    def probs_at(epoch: int) -> np.ndarray:
+        at = [f["probs"][list(map(int, f["epochs"])).index(epoch)] for f in folds]
+        return np.concatenate(at)[order]
+
+    loss = {}
+    for epoch in common:
+        p = probs_at(epoch)
+        loss[epoch] = float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    epoch = min(common, key=lambda e: (loss[e], e))
+    probs = probs_at(epoch)
+    preds = probs.argmax(1)
+    scores = {m: metric_value(m, labels, preds, num_classes) for m in METRIC_NAMES}
+    return {"epoch": epoch, "loss": loss, "scores": scores, "rows": rows[order], "labels": labels, "probs": probs}
 
 
-def protocol_for(cfg: DictConfig, regime: str, shots: str, pool_labels: np.ndarray, given_validation: int) -> tuple:
-    """``(protocol, folds)`` for this regime and pool."""
+def read_curve(run_dir: Path, metrics: dict) -> dict:
+    """A selection run's ``val_predictions.npz`` as arrays."""
+    if not metrics.get("val_curve"):
+        raise ConfigError(f"{run_dir}: a selection run without per-epoch validation predictions (val_curve).")
+    with np.load(Path(run_dir) / metrics["val_curve"]) as z:
+        return {k: z[k] for k in ("epochs", "probs", "labels", "rows")}
+
+
+def protocol_for(cfg: DictConfig, shots: str, pool_labels: np.ndarray, given_validation: int) -> tuple[str, int]:
+    """``(protocol, folds)`` for this pool: the same for every regime of a comparison."""
     sel = cfg.compare.selection
     if shots == "all" and given_validation >= int(sel.min_scored):
-        return "validation", 0
-    per_regime = (cfg.compare.get("folds") or {}).get(regime)
-    folds = cv_folds_for(pool_labels, per_regime if per_regime is not None else sel.folds)
+        return "validation", 1
+    folds = cv_folds_for(pool_labels, sel.folds)
     return ("cv", folds) if folds >= 2 else ("none", 0)
 
 
 def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunFn, base: DictConfig) -> Selection:
-    """Choose ``regime``'s settings for ``shots`` (``base``: its run config at the selection seed)."""
+    """Choose ``regime``'s settings and epochs for ``shots`` (``base``: its run config at the selection seed)."""
     metric = cfg.compare.metric
     data = load_data(base)
     pool = np.asarray(data.splits["train"]["label"])
     if data.shots_per_class is None:
         pool = np.concatenate([pool, np.asarray(data.splits["validation"]["label"])])
-    protocol, folds = protocol_for(cfg, regime, shots, pool, len(data.splits["validation"]))
+    protocol, folds = protocol_for(cfg, shots, pool, len(data.splits["validation"]))
     candidates = candidates_of(cfg, regime)
     if protocol == "none":
         return Selection("none", metric, candidates[0])
-    if protocol == "validation" and len(candidates) == 1:
-        return Selection("validation", metric, candidates[0])  # nothing to choose: the final runs give the score
     scored, seconds, complete = [], 0.0, True
     for c, overrides in enumerate(candidates):
         cand = with_overrides(base, overrides)
-        fold_runs, run_dirs = [], []
-        for f in range(max(folds, 1)):
+        curves, run_dirs, horizons = [], [], []
+        for f in range(folds):
             what = f"fold {f + 1}/{folds}" if protocol == "cv" else "validation"
             label = f"[select] {regime}, shots {shots}, candidate {c + 1}/{len(candidates)}, {what}"
-            cfg_run = cv_settings(cand, folds=folds, fold=f) if protocol == "cv" else cand
-            run_dir = select_dir / f"candidate{c}-{'fold' + str(f) if protocol == 'cv' else 'val'}"
+            if protocol == "cv":
+                cfg_run, run_dir = cv_settings(cand, folds=folds, fold=f), select_dir / f"candidate{c}-fold{f}"
+            else:
+                cfg_run, run_dir = cv_settings(cand, given_validation=True), select_dir / f"candidate{c}-val"
             metrics = run(label, cfg_run, run_dir)
             if metrics is None:
                 complete = False
                 break
-            fold_runs.append(metrics)
+            curves.append(read_curve(run_dir, metrics))
             run_dirs.append(str(run_dir))
-            seconds += float(metrics["train_seconds"])
-        if len(fold_runs) < max(folds, 1):
+            horizons.append(int(metrics.get("planned_epochs") or 0))
+            seconds += float(metrics.get("total_seconds") or metrics["train_seconds"])
+        if len(curves) < folds:
             break
-        scores, n_scored = pooled_scores(fold_runs)
-        missing = [m.get("run_dir", "a fold run") for m in fold_runs if m.get("best_epoch") is None]
-        if missing:
-            raise ConfigError(f"{regime}: fold runs without best_epoch in metrics.json: {missing}")
-        best_epochs = [int(m["best_epoch"]) for m in fold_runs]
+        curve = candidate_curve(curves, data.num_classes)
         scored.append(
             {
                 "overrides": overrides,
-                "score": scores[metric],
-                "scores": scores,
-                "n_scored": n_scored,
-                "best_epochs": best_epochs,
-                "kept_start": all(str(m.get("selected") or "").startswith("initial") for m in fold_runs),
+                "score": curve["scores"][metric],
+                "scores": curve["scores"],
+                "n_scored": len(curve["rows"]),
+                "epoch": curve["epoch"],
+                "horizon": max(horizons),
+                "loss_by_epoch": {str(e): round(v, 6) for e, v in curve["loss"].items()},
                 "run_dirs": run_dirs,
+                "_curve": curve,
             }
         )
     if not scored:
         return Selection(protocol, metric, candidates[0], folds=folds, complete=False)
     chosen = max(scored, key=lambda s: s["score"])  # max keeps the first of equal scores: the sweep's first entry
-    epochs = None
-    if protocol == "cv":
-        epochs = 0 if chosen["kept_start"] else max(1, round(statistics.median(chosen["best_epochs"])))
+    curve = chosen["_curve"]
+    select_dir.mkdir(parents=True, exist_ok=True)
+    oof = select_dir / "oof.npz"
+    tmp = select_dir / "oof.tmp.npz"
+    np.savez(tmp, rows=curve["rows"], labels=curve["labels"], probs=curve["probs"].astype(np.float32))
+    tmp.replace(oof)
+    for s in scored:
+        s.pop("_curve")
     return Selection(
         protocol,
         metric,
@@ -174,19 +250,18 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
         scores=chosen["scores"],
         n_scored=chosen["n_scored"],
         folds=folds,
-        epochs=epochs,
-        kept_start=chosen["kept_start"],
+        epochs=chosen["epoch"],
+        horizon=chosen["horizon"],
+        kept_start=chosen["epoch"] == 0,
         candidates=scored,
         seconds=seconds,
         complete=complete,
+        oof=str(oof),
     )
 
 
 def final_config(base: DictConfig, selection: Selection) -> DictConfig:
-    """A final run's config: the chosen candidate; under cv (and none) a refit on the whole pool."""
+    """A final run's config: the chosen candidate, refit on the whole pool for the chosen epochs on the folds'
+    schedule (no selection: its configured epochs)."""
     run = with_overrides(base, selection.overrides)
-    if selection.protocol == "cv":
-        return cv_settings(run, refit=True, epochs=selection.epochs)
-    if selection.protocol == "none":
-        return cv_settings(run, refit=True, epochs=None)
-    return run
+    return cv_settings(run, refit=True, epochs=selection.epochs, horizon=selection.horizon)

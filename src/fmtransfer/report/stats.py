@@ -48,16 +48,24 @@ def summarise_runs(records: list[dict]) -> dict:
                     for k in ("train_seconds", "seconds_per_epoch", "epochs", "peak_memory_bytes")
                 }
                 | {
-                    # Training + building the train/validation caches it reads, per run, mean over seeds.
-                    "cost_seconds": sum(r["train_seconds"] + (r.get("extract_seconds") or 0.0) for r in recs)
+                    # What the chosen model needs, per run, mean over seeds: extracting the levels and image size it
+                    # reads (train/validation caches), fitting its linear-probe start, training.
+                    "cost_seconds": sum(
+                        r["train_seconds"] + (r.get("extract_seconds") or 0.0) + (r.get("probe_seconds") or 0.0)
+                        for r in recs
+                    )
                     / len(recs),
+                    # Choosing its settings and epochs (every selection run): shown beside the cost, not part of it.
+                    "selection_seconds": float((recs[0].get("selection") or {}).get("seconds") or 0.0),
+                    "head": recs[0].get("head"),
+                    "split_level": recs[0].get("split_level"),
                     "n_scored": (recs[0].get("selection") or {}).get("n_scored"),
                     "selection": recs[0].get("selection"),
                     "trainable_params": recs[0]["trainable_params"],
                     "peak_memory_kind": recs[0]["peak_memory_kind"],
                     "image_size": recs[0]["image_size"],
                     "seeds": [r["seed"] for r in recs],
-                    # Runs in which no epoch beat the starting weights on validation loss (they were kept).
+                    # Runs that trained 0 epochs: the selection kept the starting weights.
                     "kept_start": sum(str(r.get("selected") or "").startswith("initial") for r in recs),
                 }
             )

@@ -55,6 +55,34 @@ class BestEpoch(pl.Callback):
         self.best_score, self.epochs = state_dict["best_score"], state_dict["epochs"]
 
 
+class ValidationCurve(pl.Callback):
+    """Every validation's per-image probabilities during fit, by epochs trained (0: the starting weights, added by
+    the fit loop), so cross-validation can pool out-of-fold predictions at any epoch. Saved in checkpoints, so a
+    resumed run keeps the epochs it validated before."""
+
+    def __init__(self):
+        self.probs: dict[int, torch.Tensor] = {}
+        self.labels: torch.Tensor | None = None
+
+    def add(self, epoch: int, predictions: dict[str, torch.Tensor] | None) -> None:
+        if predictions is not None:
+            self.probs[int(epoch)] = predictions["prob"].to(torch.float32)
+            self.labels = predictions["label"]
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.add(trainer.current_epoch + 1, getattr(pl_module, "val_predictions", None))
+
+    def state_dict(self) -> dict:
+        return {"probs": self.probs, "labels": self.labels}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Merged: the start (epoch 0) is added before a resumed fit restores the epochs validated earlier.
+        self.probs.update(state_dict["probs"])
+        self.labels = state_dict["labels"]
+
+
 class PeakMemory(pl.Callback):
     """Peak memory of ``trainer.fit`` (as a callback) or of a ``with`` block: the CUDA allocator's peak on a GPU,
     else the peak process RSS above the start, sampled every 20 ms from /proc (no extra dependency).

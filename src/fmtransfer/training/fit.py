@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -18,9 +19,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier
 from fmtransfer.metrics import METRIC_NAMES
-from fmtransfer.training.callbacks import BestEpoch, EpochTimer, PeakMemory
+from fmtransfer.training.callbacks import BestEpoch, EpochTimer, PeakMemory, ValidationCurve
 
-START_FILE = "start.pt"  # in the checkpoint dir: {"score": validation loss, "state_dict": starting weights}
+# In the checkpoint dir: {"score": validation loss, "state_dict": starting weights, "val_predictions": per image}.
+START_FILE = "start.pt"
 
 
 def reseed(seed: int) -> None:
@@ -61,23 +63,26 @@ def _callback(trainer: pl.Trainer, kind: type):
 
 def _starting_score(
     trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, monitor: str, store: Path
-) -> float:
-    """``monitor`` of the starting weights on validation (read back from ``store`` when the run resumes)."""
+) -> tuple[float, dict | None]:
+    """``monitor`` of the starting weights on validation and their per-image validation outputs (read back from
+    ``store`` when the run resumes)."""
     if store.is_file():
-        return float(torch.load(store, map_location="cpu", weights_only=True)["score"])
+        saved = torch.load(store, map_location="cpu", weights_only=True)
+        return float(saved["score"]), saved.get("val_predictions")
     # Not logged: the logs (and the report's learning curves read from them) hold one validation per epoch.
     loggers, trainer.loggers = trainer.loggers, []
     try:
         score = float(trainer.validate(module, datamodule=datamodule, verbose=False)[0][monitor])
     finally:
         trainer.loggers = loggers
+    predictions = module.val_predictions
     if trainer.is_global_zero:
         store.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         tmp = store.with_suffix(".tmp")
-        torch.save({"score": score, "state_dict": state}, tmp)
+        torch.save({"score": score, "state_dict": state, "val_predictions": predictions}, tmp)
         tmp.replace(store)  # never a half-written start: a resumed run would trust it
-    return score
+    return score, predictions
 
 
 def fit_select_test(
@@ -107,10 +112,12 @@ def fit_select_test(
     store = Path(best.dirpath) / START_FILE
     start_score = None
     began = time.perf_counter()
+    curve = ValidationCurve()
     if include_start and best.monitor == "val/loss" and best.mode == "min":
-        start_score = _starting_score(trainer, module, datamodule, best.monitor, store)
+        start_score, start_predictions = _starting_score(trainer, module, datamodule, best.monitor, store)
+        curve.add(0, start_predictions)
     best_epoch = BestEpoch(best.monitor, best.mode)
-    trainer.callbacks.append(best_epoch)
+    trainer.callbacks += [best_epoch, curve]
     reseed(seed)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_path) if resuming else None)
@@ -138,6 +145,20 @@ def fit_select_test(
         **_test_results(trainer, module, test, train_seconds, phases),
         "best_checkpoint": best_path,
         "selected": selected,
+        "val_curve": _curve_arrays(curve),
+        "planned_epochs": int(trainer.max_epochs or 0),
+    }
+
+
+def _curve_arrays(curve: ValidationCurve) -> dict | None:
+    """``{"epochs": (E,), "probs": (E, n, classes), "labels": (n,)}`` of every validation of the run, or None."""
+    if not curve.probs or curve.labels is None:
+        return None
+    epochs = sorted(curve.probs)
+    return {
+        "epochs": np.asarray(epochs, dtype=np.int64),
+        "probs": torch.stack([curve.probs[e] for e in epochs]).numpy(),
+        "labels": curve.labels.numpy(),
     }
 
 
@@ -165,6 +186,7 @@ def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.Ligh
         **_test_results(trainer, module, test, train_seconds, phases),
         "best_checkpoint": final_path,
         "selected": f"final weights after {trainer.max_epochs} epochs (chosen by cross-validation)",
+        "planned_epochs": int(module.hparams.max_epochs),
     }
 
 
