@@ -53,9 +53,11 @@ class BackboneSpec:
     pretrained_cfg: dict
     weights: WeightsSource
 
-    def create(self) -> tuple[nn.Module, WeightsInfo]:
-        """Build the model and load its weights (eval mode)."""
-        model = timm.create_model(self.name, pretrained=False)
+    def create(self, drop_path_rate: float = 0.0) -> tuple[nn.Module, WeightsInfo]:
+        """Build the model and load its weights (eval mode); ``drop_path_rate``: stochastic depth while training,
+        for the models that have it (no parameters: the weights load the same)."""
+        extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        model = timm.create_model(self.name, pretrained=False, **extra)
         info = load_weights(model, self.name, self.weights)
         return model.eval(), info
 

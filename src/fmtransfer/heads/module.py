@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,8 @@ class HeadClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         features: nn.Module | None = None,
         backbone_lr: float | None = None,
+        warmup_epochs: float = 0.0,
+        layer_decay: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["head", "features"])
@@ -121,9 +126,52 @@ class HeadClassifier(pl.LightningModule):
         # Optimisers only ever see trainable parameters; a trainable backbone part gets its own (lower) LR.
         groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": self.hparams.lr}]
         if self.features is not None:
-            backbone = [p for p in self.features.parameters() if p.requires_grad]
-            if backbone:
-                groups.append({"params": backbone, "lr": self.hparams.backbone_lr or self.hparams.lr})
+            groups += backbone_groups(
+                self.features,
+                self.hparams.backbone_lr or self.hparams.lr,
+                self.hparams.weight_decay,
+                self.hparams.layer_decay,
+            )
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.hparams.max_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, steps // max(1, int(self.trainer.max_epochs or 1)))
+        factor = partial(
+            lr_factor,
+            steps_per_epoch=steps_per_epoch,
+            warmup=float(self.hparams.warmup_epochs),
+            horizon=max(1, self.hparams.max_epochs),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, steps_per_epoch: int, warmup: float, horizon: int) -> float:
+    """The learning-rate multiplier after ``step`` optimiser steps: linear warm-up over ``warmup`` epochs, then a
+    cosine from 1 to 0 over ``horizon`` epochs, both in fractional epochs."""
+    epoch = step / steps_per_epoch
+    if warmup > 0 and epoch < warmup:
+        return (step + 1) / (warmup * steps_per_epoch)
+    return 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
+
+
+def backbone_groups(features: nn.Module, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """Optimiser groups of the trainable backbone parameters: one group at ``lr``, or with ``layer_decay`` timm's
+    layer-wise groups (``param_groups_layer_decay``: timm's classifier layer at ``lr``, each layer below it
+    ``layer_decay`` times lower; no weight decay on biases and norms) where ``features`` holds a timm model with a group matcher."""
+    trainable = [p for p in features.parameters() if p.requires_grad]
+    model = next((m for m in features.modules() if hasattr(m, "group_matcher")), None)
+    if not trainable:
+        return []
+    if layer_decay is None or model is None:
+        return [{"params": trainable, "lr": lr}]
+    from timm.optim import param_groups_layer_decay
+
+    wanted = {id(p) for p in trainable}
+    groups = []
+    for g in param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=float(layer_decay)):
+        params = [p for p in g["params"] if id(p) in wanted]
+        if params:
+            groups.append({"params": params, "lr": lr * g["lr_scale"], "weight_decay": g["weight_decay"]})
+    covered = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in trainable if id(p) not in covered]
+    return groups + ([{"params": rest, "lr": lr}] if rest else [])

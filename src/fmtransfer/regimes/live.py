@@ -32,6 +32,10 @@ class BackboneTraining:
     batch_size: int
     monitor: str
     monitor_mode: str
+    warmup_epochs: float  # linear warm-up of every learning rate (fractional epochs), then a cosine
+    layer_decay: float | None  # timm's layer-wise LR decay for a whole timm backbone (None: one backbone LR)
+    drop_path_rate: float  # stochastic depth in the trainable backbone, where the model has it
+    label_smoothing: float
 
     def settings(self) -> dict:
         """The regime's settings, as ``metrics.json`` records them."""
@@ -65,7 +69,10 @@ class BackboneTraining:
             backbone_lr=self.backbone_lr,
             weight_decay=self.weight_decay,
             max_epochs=ctx.schedule_epochs(epochs),
+            label_smoothing=self.label_smoothing,
             features=features,
+            warmup_epochs=self.warmup_epochs,
+            layer_decay=self.layer_decay,
         )
         trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True, validate=not ctx.refit)
         return fit_select_test(
@@ -132,7 +139,7 @@ class WholeBackboneRegime(BackboneTraining):
         ctx = start_run(cfg, run_dir, tools, weights=weights, image_size=self.image_size)
         head = pre_logits_head(ctx, probe_init=self.probe_init(), regime=self.name)
         reseed(ctx.seed)  # scratch's random initialisation must not depend on what ran before
-        model, info = ctx.spec.create()
+        model, info = ctx.spec.create(drop_path_rate=self.drop_path_rate)
         features = FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS])
         results = self.fit(ctx, head, features, image_datamodule(ctx, self.batch_size, augment=True), callbacks)
         return ctx.metrics(self.name, results, regime_config=self.settings(), weights=info.detail)

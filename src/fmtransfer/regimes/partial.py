@@ -50,7 +50,7 @@ class PartialRegime(BackboneTraining):
         ctx = start_run(cfg, run_dir, tools)
         level = split_level(list(ctx.spec.levels), self.k)
         head = pre_logits_head(ctx, probe_init=self.lp_init, regime=self.name)
-        model, _ = ctx.spec.create()
+        model, _ = ctx.spec.create(drop_path_rate=self.drop_path_rate)
         suffix = build_suffix(model, level).requires_grad_(True)
         if self.live_prefix:
             prefix = LivePrefix(FeatureMapExtractor(copy.deepcopy(model), [level]), level.name)

@@ -33,7 +33,7 @@ from fmtransfer.data.splits import cv_folds_for
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.regimes import load_data
-from fmtransfer.report.paired import metric_value
+from fmtransfer.report.paired import metric_value, paired_se
 
 RunFn = Callable[[str, DictConfig, Path], "dict | None"]  # (label, run config, run dir) -> metrics, None if skipped
 
@@ -165,7 +165,12 @@ def candidate_curve(folds: list[dict], num_classes: int) -> dict:
     probs = probs_at(epoch)
     preds = probs.argmax(1)
     scores = {m: metric_value(m, labels, preds, num_classes) for m in METRIC_NAMES}
-    return {"epoch": epoch, "loss": loss, "scores": scores, "rows": rows[order], "labels": labels, "probs": probs}
+    out = {"epoch": epoch, "loss": loss, "scores": scores, "rows": rows[order], "labels": labels, "probs": probs}
+    if 0 in common:  # the start on the same folds: did training beat it, by more than the paired SE of the gain?
+        start = probs_at(0).argmax(1)
+        out["start_scores"] = {m: metric_value(m, labels, start, num_classes) for m in METRIC_NAMES}
+        out["gain_se"] = {m: paired_se(m, labels, preds, start, num_classes) for m in METRIC_NAMES}
+    return out
 
 
 def read_curve(run_dir: Path, metrics: dict) -> dict:
@@ -227,6 +232,9 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
                 "epoch": curve["epoch"],
                 "horizon": max(horizons),
                 "loss_by_epoch": {str(e): round(v, 6) for e, v in curve["loss"].items()},
+                # The start's score on the same folds, and the paired SE of the chosen epoch's gain over it.
+                "start_scores": curve.get("start_scores"),
+                "gain_se": curve.get("gain_se"),
                 "run_dirs": run_dirs,
                 "_curve": curve,
             }
