@@ -1,10 +1,10 @@
 """A bounded search for the fine-tuning recipe, on cross-validation only (never the test split).
 
-python scripts/finetune-recipe.py <experiment> [extra overrides...]: runs `make compare`'s selection for the finetune
-regime alone (CPU preset sizes, the comparison's own 3 folds, seed 0, all images) over at most 8 recipe variants, and
-prints a Markdown table: each variant's pooled out-of-fold accuracy at its chosen epoch, that epoch, the same folds'
-accuracy at epoch 0 (the linear-probe start) and the gain with its paired standard error. The table goes into
-docs/finetune-recipe.md with the command that made it.
+python scripts/finetune-recipe.py <experiment> [--variants N] [extra overrides...]: runs `make compare`'s selection
+for the finetune regime alone (CPU preset sizes, the comparison's own 3 folds, seed 0, all images) over the first N
+(default: all) of at most 8 recipe variants, and prints a Markdown table: each variant's pooled out-of-fold accuracy
+at its chosen epoch, that epoch, the same folds' accuracy at epoch 0 (the linear-probe start) and the gain with its
+paired standard error. The table goes into docs/finetune-recipe.md with the command that made it.
 """
 
 from __future__ import annotations
@@ -64,13 +64,17 @@ def main(argv: list[str]) -> None:
     if not argv:
         sys.exit(__doc__)
     experiment, extra = argv[0], argv[1:]
+    variants = VARIANTS
+    if extra[:1] == ["--variants"]:
+        variants = dict(list(VARIANTS.items())[: int(extra[1])])
+        extra = extra[2:]
     overrides = [
         f"experiment={experiment}",
         "compare.preset=cpu",
         "compare.regimes=[finetune]",
         "compare.seeds=[0]",
         "compare.shots=[all]",
-        sweep_override(VARIANTS),
+        sweep_override(variants),
         *extra,
     ]
     report_dir = run_comparison(resolve_preset(overrides), Path(__file__).resolve().parents[1])

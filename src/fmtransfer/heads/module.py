@@ -122,6 +122,16 @@ class HeadClassifier(pl.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return logits
 
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch of the attached Trainer (1 when none is attached, e.g. inspecting the
+        optimiser, or when the data has no length: the schedule then moves once per step as if per epoch)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:
+            return 1
+        steps = float(trainer.estimated_stepping_batches)
+        return max(1, int(steps) // max(1, int(trainer.max_epochs or 1))) if math.isfinite(steps) else 1
+
     def configure_optimizers(self):
         # Optimisers only ever see trainable parameters; a trainable backbone part gets its own (lower) LR.
         groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": self.hparams.lr}]
@@ -133,8 +143,7 @@ class HeadClassifier(pl.LightningModule):
                 self.hparams.layer_decay,
             )
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = max(1, steps // max(1, int(self.trainer.max_epochs or 1)))
+        steps_per_epoch = self._steps_per_epoch()
         factor = partial(
             lr_factor,
             steps_per_epoch=steps_per_epoch,
@@ -157,7 +166,8 @@ def lr_factor(step: int, steps_per_epoch: int, warmup: float, horizon: int) -> f
 def backbone_groups(features: nn.Module, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
     """Optimiser groups of the trainable backbone parameters: one group at ``lr``, or with ``layer_decay`` timm's
     layer-wise groups (``param_groups_layer_decay``: timm's classifier layer at ``lr``, each layer below it
-    ``layer_decay`` times lower; no weight decay on biases and norms) where ``features`` holds a timm model with a group matcher."""
+    ``layer_decay`` times lower; no weight decay on biases and norms) where ``features`` holds a timm model with a
+    group matcher."""
     trainable = [p for p in features.parameters() if p.requires_grad]
     model = next((m for m in features.modules() if hasattr(m, "group_matcher")), None)
     if not trainable:
