@@ -33,6 +33,7 @@ from fmtransfer.data.splits import cv_folds_for
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.regimes import load_data
+from fmtransfer.regimes.context import write_npz
 from fmtransfer.report.paired import metric_value, paired_se
 
 RunFn = Callable[[str, DictConfig, Path], "dict | None"]  # (label, run config, run dir) -> metrics, None if skipped
@@ -245,9 +246,7 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
     curve = chosen["_curve"]
     select_dir.mkdir(parents=True, exist_ok=True)
     oof = select_dir / "oof.npz"
-    tmp = select_dir / "oof.tmp.npz"
-    np.savez(tmp, rows=curve["rows"], labels=curve["labels"], probs=curve["probs"].astype(np.float32))
-    tmp.replace(oof)
+    write_npz(oof, rows=curve["rows"], labels=curve["labels"], probs=curve["probs"].astype(np.float32))
     for s in scored:
         s.pop("_curve")
     return Selection(
