@@ -19,6 +19,10 @@ from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+from fmtransfer.cli.common import configure_logging  # noqa: E402 - after the offline switches
+
+configure_logging()  # fmtransfer's log lines on stdout, as the entry points print them (tests read them)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 

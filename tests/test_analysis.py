@@ -153,7 +153,7 @@ def test_notebook_runs_headless_and_make_analyze_writes_figures(tmp_path):
         json.loads((tmp_path / "analysis" / "analysis.json").read_text())["transfer_by_depth"]
         == result["transfer_by_depth"]
     )
-    ipynb, html = execute_notebook(overrides, tmp_path / "nb", timeout=300)
+    ipynb, html = execute_notebook(overrides, tmp_path / "nb")
     executed = json.loads(ipynb.read_text())
     errors = [
         o

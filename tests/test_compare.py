@@ -24,6 +24,7 @@ TINY = [
     "compare.shots=[3,6]",
     "head.epochs=5",
     "regimes.partial.epochs=2",
+    "regimes.partial.views=2",  # cached augmented views: 2 keep the test short (default 8)
     "regimes.finetune.epochs=1",
     "regimes.finetune.image_size=32",
     "regimes.scratch.epochs=1",

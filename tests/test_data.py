@@ -101,8 +101,14 @@ def test_bad_paths_are_explained(path, message):
         detect_source(path)
 
 
-def test_hub_ids_are_recognised_without_network():
+def test_hub_ids_are_recognised_without_network(tmp_path, monkeypatch):
     assert detect_source("cifar/cifar10-like").name == "hub"
+    # "data/mysett" where data/ exists here is a mistyped folder, named as one, not sent to the hub.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "myset").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"data\.path=data/mysett: no such folder \(its parent data/ exists"):
+        detect_source("data/mysett")
+    assert detect_source("data/mysett", "hub").name == "hub"  # data.format=hub when it really is a hub id
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])

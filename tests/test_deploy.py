@@ -79,7 +79,7 @@ def test_predict_on_a_flat_folder_reuses_the_cache_and_matches_the_model(folder_
     assert [r["pred"] for r in rows] == [run.class_names[i] for i in probs.argmax(1)]
     # A second prediction of the same images reads their maps from the cache.
     predict_main([f"run={run_dir}", f"data.path={flat}", f"out={out}"])
-    assert "[cache] hit: reusing" in capsys.readouterr().out
+    assert "hit: reusing" in capsys.readouterr().out
 
 
 def test_predict_on_labelled_folder_and_csv_adds_the_label(folder_run, capsys):
@@ -100,6 +100,12 @@ def test_predict_on_labelled_folder_and_csv_adds_the_label(folder_run, capsys):
     assert all(
         from_csv[n]["pred"] == by_name[n]["pred"] and from_csv[n]["label"] == by_name[n]["label"] for n in from_csv
     )
+    # A CSV with its own column names, named as make train names them (data.csv_columns.*).
+    renamed = tmp / "renamed.csv"
+    renamed.write_text(csv_path.read_text().replace("image,label", "file,digit", 1))
+    columns = ["data.csv_columns.image=file", "data.csv_columns.label=digit"]
+    predict_main([f"run={run_dir}", f"data.path={renamed}", *columns, f"out={tmp / 'renamed-pred.csv'}"])
+    assert _rows(_last_line(capsys, "predictions: ")) == list(_rows(tmp / "csv.csv"))
 
 
 def test_export_runs_in_onnxruntime_like_the_fp32_model(folder_run, capsys):
@@ -113,15 +119,18 @@ def test_export_runs_in_onnxruntime_like_the_fp32_model(folder_run, capsys):
     labels = json.loads((out / "labels.json").read_text())
     pre = json.loads((out / "preprocessing.json").read_text())
     assert labels == load_run(run_dir).class_names
-    assert set(pre) == {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"}
+    assert set(pre["timm_transform"]) == {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"}
+    assert "composited onto white" in pre["to_rgb"]
+    source = json.loads((out / "source.json").read_text())
+    assert source["run_precision"] == load_run(run_dir).precision and source["graph_precision"] == "float32"
     # Preprocess with timm from preprocessing.json alone, as a deployment would.
-    tf = timm.data.create_transform(**pre, is_training=False)
+    tf = timm.data.create_transform(**pre["timm_transform"], is_training=False)
     files = sorted(flat.iterdir())
     x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
     session = ort.InferenceSession(str(out / "model.onnx"))
     logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
-        reference = build_classifier(load_run(run_dir)).float()(x).numpy()
+        reference = build_classifier(load_run(run_dir), run_precision=False)(x).numpy()
     assert np.abs(logits - reference).max() <= 1e-3
     predict_main([f"run={run_dir}", f"data.path={flat}", f"out={tmp / 'for-export.csv'}"])
     rows = _rows(_last_line(capsys, "predictions: "))
@@ -208,3 +217,32 @@ def test_what_is_not_a_usable_run_dir_is_named(folder_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict_main([f"run={run_dir}", f"data.path={bad_csv}"])
     assert "gone.png" in capsys.readouterr().err
+
+
+def test_predict_reproduces_a_run_extracted_and_trained_in_bf16(tmp_path, capsys):
+    """A frozen run whose maps were extracted (and head trained) in bf16, as on GPUs and CPUs with native bf16:
+    make predict computes as the run did, so it gives the run's own test predictions (32 px)."""
+    from datasets import Image as ImageFeature
+
+    from fmtransfer.regimes import load_data
+
+    data = write_image_folder(tmp_path / "digits", {"train": 8, "val": 4, "test": 12})
+    overrides = [f"data.path={data}", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    overrides += ["data.image_size=32", "head.epochs=20", "trainer.precision=bf16-mixed", "trainer.progress_bar=false"]
+    run_dir = tmp_path / "run"
+    run_regime(compose_config(overrides), run_dir)
+    run = load_run(run_dir)
+    assert run.precision == {"training": "bf16-mixed", "extraction": "bf16-mixed"}
+    test = load_data(run.cfg).splits["test"].cast_column("image", ImageFeature(decode=False))
+    listed = tmp_path / "test.csv"
+    names = run.class_names
+    rows = zip(test["image"], test["label"], strict=True)
+    listed.write_text("image,label\n" + "".join(f"{im['path']},{names[y]}\n" for im, y in rows))
+    predict_main([f"run={run_dir}", f"data.path={listed}", f"out={tmp_path / 'pred.csv'}"])
+    predicted = _rows(_last_line(capsys, "predictions: "))
+    recorded = _rows(run_dir / "test_predictions.csv")
+    assert len(predicted) == len(recorded) == 36
+    pairs = list(zip(predicted, recorded, strict=True))
+    gap = max(abs(float(p[f"prob_{c}"]) - float(r[f"prob_{c}"])) for p, r in pairs for c in names)
+    same = np.mean([p["pred"] == r["pred"] for p, r in pairs])
+    assert same >= 0.99 and gap <= 0.02, (same, gap)

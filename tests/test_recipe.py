@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from timm.optim import param_groups_layer_decay
@@ -66,3 +67,34 @@ def test_drop_path_loads_the_same_weights_and_is_off_in_eval(lite0):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(plain.eval()(x), dropped.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_the_lp_ft_probe_is_scikit_learns_regularised_logistic_regression(classes):
+    """The probe LP-FT starts from is scikit-learn's L2-regularised logistic regression at one of the searched
+    strengths: the head's probabilities are scikit-learn's (binary: one logit difference split over two logits;
+    multinomial), and its training loss is their log loss."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from fmtransfer.heads import LinearProbeHead, fit_regularised_probe
+    from fmtransfer.heads.fit import PROBE_CS
+
+    d = load_digits()
+    keep = np.concatenate([np.flatnonzero(d.target == c)[:10] for c in range(classes)])
+    x = torch.from_numpy(d.data[keep].astype(np.float32))
+    y = torch.from_numpy(d.target[keep].astype(np.int64))
+    head = LinearProbeHead({"pixels": 64}, classes)
+    loss = fit_regularised_probe(head, {"pixels": x}, y)
+    with torch.no_grad():
+        z = head.normalizer({"pixels": x}).double().numpy()
+        probs = head({"pixels": x}).softmax(-1).double().numpy()
+    # Refit scikit-learn at each candidate strength: the head's probabilities are one of them.
+    gaps = [
+        np.abs(LogisticRegression(C=c, max_iter=2000).fit(z, y.numpy()).predict_proba(z) - probs).max()
+        for c in PROBE_CS
+    ]
+    assert min(gaps) < 1e-3
+    expected = log_loss(y.numpy(), probs.clip(1e-15, 1), labels=list(range(classes)))
+    assert loss == pytest.approx(expected, rel=1e-3, abs=1e-5)

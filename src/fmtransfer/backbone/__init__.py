@@ -14,7 +14,13 @@ from fmtransfer.backbone.model import (
     to_channels_last,
 )
 from fmtransfer.backbone.split import SUFFIX_BUILDERS, build_suffix, split_level
-from fmtransfer.backbone.transforms import build_eval_transform, build_train_transform, resolve_data_config
+from fmtransfer.backbone.transforms import (
+    SeededView,
+    augment_settings,
+    build_eval_transform,
+    build_train_transform,
+    resolve_data_config,
+)
 from fmtransfer.backbone.weights import (
     PACKAGED_WEIGHTS,
     WeightsInfo,
@@ -33,8 +39,10 @@ __all__ = [
     "FixedBatchNormStats",
     "FrozenModule",
     "LevelInfo",
+    "SeededView",
     "WeightsInfo",
     "WeightsSource",
+    "augment_settings",
     "build_eval_transform",
     "build_suffix",
     "build_train_transform",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+import zlib
+from collections.abc import Callable, Mapping
 
 import timm.data
 import torch
@@ -30,6 +32,56 @@ def build_eval_transform(data_config: dict) -> Callable[[Image.Image], torch.Ten
     return timm.data.create_transform(**data_config, is_training=False)
 
 
-def build_train_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's standard training augmentation (random resized crop, flip) for regimes that run the backbone live."""
-    return timm.data.create_transform(**data_config, is_training=True)
+# ``data.augment``'s settings: the arguments of timm's training transform that a user may set.
+AUGMENT_KEYS = ("scale", "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "re_prob")
+
+
+def augment_settings(augment: Mapping | None) -> dict:
+    """``data.augment`` checked and made plain (tuples for ranges): what ``build_train_transform`` is given."""
+    settings = dict(augment or {})
+    unknown = sorted(set(settings) - set(AUGMENT_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"data.augment has unknown keys {unknown}; timm's training transform takes {list(AUGMENT_KEYS)}."
+        )
+    for key in ("scale", "ratio"):
+        if settings.get(key) is not None:
+            lo, hi = (float(v) for v in settings[key])
+            if not 0 < lo <= hi:
+                raise ConfigError(f"data.augment.{key}={[lo, hi]} must be a range 0 < low <= high.")
+            settings[key] = (lo, hi)
+    return settings
+
+
+def build_train_transform(data_config: dict, augment: Mapping | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's training augmentation (random resized crop, flip, colour jitter) with ``data.augment``'s settings, for
+    the regimes that train on images."""
+    return timm.data.create_transform(**data_config, **augment_settings(augment), is_training=True)
+
+
+class SeededView:
+    """View ``view`` (of ``views``) of every image under a random ``transform``: image ``index``'s view is the same
+    draw on every call (its random state comes from ``seed``, ``view`` and ``index`` alone) and differs between views.
+    The global random states are left as they were. Called as ``transform(image, index)`` (``takes_index``)."""
+
+    takes_index = True
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], view: int, views: int, seed: int):
+        if not 0 <= view < views:
+            raise ValueError(f"view {view} is not one of {views} views")
+        self.transform, self.view, self.views, self.seed = transform, int(view), int(views), int(seed)
+
+    def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
+        draw = zlib.crc32(f"{self.seed}/{self.view}/{int(index)}".encode())
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(draw)  # timm's random resized crop draws from Python's random
+                torch.manual_seed(draw)  # flips and colour jitter draw from torch's
+                return self.transform(image)
+        finally:
+            random.setstate(state)
+
+    def __repr__(self) -> str:
+        # What the cache key names: the transform, which view of how many, and the views' seed.
+        return f"SeededView(view={self.view} of {self.views}, seed={self.seed}, {self.transform!r})"

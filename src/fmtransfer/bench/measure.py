@@ -25,7 +25,7 @@ from fmtransfer.cache import (
 )
 from fmtransfer.data import ImageClassificationDataset
 from fmtransfer.regimes import HeadSettings, RunContext, fit_head
-from fmtransfer.training import ImageDataModule
+from fmtransfer.training import ImageDataModule, InPrecision
 
 
 def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -131,13 +131,15 @@ def live_head_run(ctx: RunContext, model: nn.Module) -> dict:
     on one live pass over the training images, timed as part of training."""
     cfg = ctx.cfg
     head_cfg = HeadSettings(**ctx.cfg.regime.head)
-    features = FrozenModule(FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]))
+    # The backbone computes in the extraction's precision, as the cached side's maps were: the same features.
+    frozen = FrozenModule(FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS]))
+    features = InPrecision(frozen, ctx.tools.precision.extraction)
     # Shuffled, without a dropped last batch: the same batches per epoch as the cached side's feature batches.
     datamodule = ImageDataModule(
         ctx.data.splits,
         ctx.data_config,
         head_cfg.batch_size,
-        augment=False,
+        augment=None,
         num_workers=cfg.data.num_workers,
         drop_last_train=False,
     )

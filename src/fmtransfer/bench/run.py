@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from fmtransfer.regimes import for_run_dir, run_regime, start_run, with_regime
 from fmtransfer.regimes.context import as_level_spec
 from fmtransfer.report.environment import describe_environment
 from fmtransfer.training import instantiate_training
+
+log = logging.getLogger(__name__)
 
 
 def h100_targets(device_name: str, backbone: str, image_size: tuple[int, ...]) -> dict:
@@ -65,7 +68,7 @@ def cpu_fast_path(cfg: DictConfig, out_dir: Path, cache_dir: Path, device: torch
     fast_cfg = run_config(cfg, cache_dir / "fast", **data)
     ctx = start_context(fast_cfg, out_dir / "fast-path")
     model, _ = ctx.spec.create()
-    print(f"[bench] CPU fast path: {f.data} at {ctx.data_config['input_size'][-1]} px")
+    log.info(f"CPU fast path: {f.data} at {ctx.data_config['input_size'][-1]} px")
     return fast_path_figures(ctx, model, cache_dir / "fast", f.train_steps, f.train_batch_size)
 
 
@@ -86,7 +89,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     levels = parse_levels(as_level_spec(cfg.cache.levels), ctx.spec.levels)
     spec = CacheSpec(tuple(levels), cfg.cache.dtype, cfg.cache.pool, cfg.cache.pool_size)
     batch = cfg.cache.batch_size
-    print(f"[bench] {ctx.spec.name} at {image_size[1]} px on {device}, {ctx.data.sizes()} images")
+    log.info(f"{ctx.spec.name} at {image_size[1]} px on {device}, {ctx.data.sizes()} images")
 
     # 1. Extraction + cache write vs bare forward, same inputs, batch and device; alternated, fastest of each kept.
     loader = eval_loader(ctx, "train", batch, pin_memory=device.type == "cuda")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from fmtransfer.cache.shards import ShardWriter, merge_shards, remove_shards, sh
 from fmtransfer.cache.store import CachedSplit, CacheEntryWriter, FeatureCache, fingerprint_key, now_iso
 from fmtransfer.data import ImageClassificationDataset, split_fingerprint
 from fmtransfer.errors import CacheError, ConfigError
+
+log = logging.getLogger(__name__)
 
 POOL_MODES = ("none", "avg", "global")
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -215,8 +218,8 @@ def ensure_feature_cache(
                 persistent_workers=False,
                 pin_memory=pin_memory,
             )
-            print(
-                f"[cache] extracting {', '.join(names)} for {len(split)} '{split_name}' images"
+            log.info(
+                f"extracting {', '.join(names)} for {len(split)} '{split_name}' images"
                 f"{f' with {trainer.world_size} processes' if distributed else ''} -> {final}"
             )
             trainer.predict(FeatureExtractionModule(extractor, spec), loader, return_predictions=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,8 @@ import numpy as np
 
 from fmtransfer.errors import CacheError
 from fmtransfer.hashing import file_checksum, mapping_key
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -123,7 +126,7 @@ class FeatureCache:
             problem = self.validate(path, manifest)
             if problem is None:
                 return CachedSplit(path, manifest)
-            print(f"[cache] discarding damaged entry {path}: {problem}")
+            log.warning(f"discarding damaged entry {path}: {problem}")
             shutil.rmtree(path, ignore_errors=True)
         return None
 

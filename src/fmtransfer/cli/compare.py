@@ -5,6 +5,7 @@ Prints ``report dir: <path>`` last. Without a GPU the CPU preset is chosen autom
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from fmtransfer.errors import FmtransferError
 from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.report.selection import sweep_without, user_keys
 
+log = logging.getLogger(__name__)
+
 
 def resolve_preset(overrides: list[str]) -> DictConfig:
     """Compose once to read the presets, then again with the chosen preset's overrides before the user's."""
@@ -25,7 +28,7 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
     if preset == "auto":
         preset = "full" if torch.cuda.is_available() else "cpu"
         if preset == "cpu":
-            print("[compare] no GPU found: using the CPU preset (compare.preset=full to force the full settings)")
+            log.info("no GPU found: using the CPU preset (compare.preset=full to force the full settings)")
     if preset not in cfg.compare.presets:
         raise FmtransferError(
             f"compare.preset={preset} is not known; choose auto or one of {sorted(cfg.compare.presets)}."

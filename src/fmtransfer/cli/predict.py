@@ -1,8 +1,9 @@
 """``make predict ARGS="run=<run dir> data.path=<images>"``: classify images with a finished run.
 
 Options (``key=value``): ``run`` (required), ``data.path`` (required: a flat folder of images, an ImageFolder, a CSV,
-...), ``out`` (default ``<run dir>/predictions/<input name>/predictions.csv``), ``batch_size`` (64),
-``num_workers`` (0). Prints ``predictions: <path>`` last.
+...), ``data.csv_columns.image|label|split`` (a CSV's column names, as in ``make train``), ``out`` (default
+``<run dir>/predictions/<input name>/predictions.csv``), ``batch_size`` (64), ``num_workers`` (0). Prints
+``predictions: <path>`` last.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.errors import ConfigError
 
+CSV_COLUMN_OPTIONS = ("data.csv_columns.image", "data.csv_columns.label", "data.csv_columns.split")
 OPTIONS = {"run": str, "data.path": str, "out": str, "batch_size": int, "num_workers": int}
+OPTIONS |= dict.fromkeys(CSV_COLUMN_OPTIONS, str)
 
 
 def parse_options(argv: list[str], required: tuple[str, ...], options: dict[str, type] = OPTIONS) -> dict:
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         run = load_run(opts["run"])
         name = Path(opts["data.path"].rstrip("/")).stem or "input"
         out = Path(opts.get("out") or run.path / "predictions" / name / "predictions.csv")
-        path = predict(run, opts["data.path"], out, opts.get("batch_size", 64), opts.get("num_workers", 0))
+        columns = {k.rsplit(".", 1)[1]: opts[k] for k in CSV_COLUMN_OPTIONS if k in opts}
+        path = predict(run, opts["data.path"], out, opts.get("batch_size", 64), opts.get("num_workers", 0), columns)
     print(f"predictions: {path.resolve()}")
 
 

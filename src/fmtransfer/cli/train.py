@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -12,6 +13,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import config_dir
 from fmtransfer.errors import FmtransferError
+
+log = logging.getLogger(__name__)
 
 
 def resume_target(path: str) -> tuple[Path, DictConfig]:
@@ -27,7 +30,7 @@ def resume_target(path: str) -> tuple[Path, DictConfig]:
     if (run_dir / "metrics.json").is_file():
         raise FmtransferError(f"resume={path}: that run finished (its results are in {run_dir / 'metrics.json'}).")
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        print(f"[run] {run_dir} stopped before its first checkpoint: starting it again from the first step")
+        log.info(f"{run_dir} stopped before its first checkpoint: starting it again from the first step")
     return run_dir, OmegaConf.load(saved)
 
 
@@ -65,7 +68,7 @@ def train(cfg: DictConfig) -> None:
             run_dir, cfg = resume_target(str(cfg.resume))
         from fmtransfer.regimes import run_regime
 
-        print(f"[run] resume an interrupted run with: make train ARGS=resume={run_dir}")
+        log.info(f"resume an interrupted run with: make train ARGS=resume={run_dir}")
         metrics = run_regime(cfg, run_dir)
     if rank_zero_only.rank == 0:  # under DDP the other ranks hold the same numbers
         print(summarise(metrics))

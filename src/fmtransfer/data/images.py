@@ -32,7 +32,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):
-    """A split as ``(image_tensor, label, index)``; the index lets writers place outputs without relying on order."""
+    """A split as ``(image_tensor, label, index)``; the index lets writers place outputs without relying on order.
+
+    A transform with ``takes_index`` (a seeded view) is called with the row's index as well as its image.
+    """
 
     def __init__(self, split: Dataset, transform: Callable[[Image.Image], torch.Tensor]):
         self.split = split
@@ -43,7 +46,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         row = self.split[index]
-        return self.transform(to_rgb(row["image"])), int(row["label"]), index
+        image = to_rgb(row["image"])
+        if getattr(self.transform, "takes_index", False):
+            return self.transform(image, index), int(row["label"]), index
+        return self.transform(image), int(row["label"]), index
 
 
 def split_fingerprint(split: Dataset) -> str:

@@ -86,7 +86,8 @@ def load_hub_dataset(path: str, cache_dir: str | None = None) -> DatasetDict:
     except Exception as exc:  # the hub client raises many types; all mean "not reachable / not found"
         raise DataError(
             f"data.path={path}: could not load this Hugging Face hub dataset ({type(exc).__name__}: {exc}). "
-            f"Check the id and your network, or point data.path at a local ImageFolder or Parquet directory."
+            f"Check the id and your network, or point data.path at a local ImageFolder or Parquet directory "
+            f"(no folder {path} exists in {Path.cwd()})."
         ) from exc
     return _standardise_columns(loaded, path)
 
@@ -222,6 +223,12 @@ def detect_source(path: str, fmt: str = "auto") -> DataSource:
             f"DIR/<split>/<class>/*.jpg) nor Parquet split files."
         )
     if HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+        if p.parent.is_dir():
+            # "data/myset" with data/ here is a mistyped folder far more often than a hub owner named "data".
+            raise DataError(
+                f"data.path={path}: no such folder (its parent {p.parent}/ exists here, in {Path.cwd()}). Check the "
+                f"folder's name; for a Hugging Face hub dataset of that id, set data.format=hub."
+            )
         return DATA_SOURCES["hub"]
     raise DataError(
         f"data.path={path}: no such file or directory. Give an ImageFolder directory, a directory of Parquet "

@@ -2,8 +2,11 @@
 
 The export dir holds ``model.onnx`` and ``model.pt2`` (``torch.export``): image tensor ``[N, 3, H, W]`` in (the
 run's preprocessing applied), logits out, one graph: backbone, the cache's pooling and dtype for cached regimes, the
-head with its feature normalisation. ``labels.json`` lists the class names in logit order; ``preprocessing.json`` is
-the run's timm data config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``).
+head with its feature normalisation. ``labels.json`` lists the class names in logit order; ``preprocessing.json`` says
+how images became 8-bit RGB (``to_rgb``) and holds the arguments of timm's eval transform (``timm_transform``:
+``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``); ``source.json`` names the run
+and its precisions: the graph computes in float32, the run in ``run_precision`` (a bf16 run's logits differ from the
+graph's by bf16 rounding).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from fmtransfer.errors import FmtransferError
 
 OPSET = 18
 PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# How the run turned every image into 8-bit RGB before the timm transform (fmtransfer.data.images.to_rgb).
+RGB_CONVERSION = (
+    "8-bit RGB: grayscale and palette images converted; transparent pixels (RGBA, LA, PA, palette transparency) "
+    "composited onto white; 16/32-bit grayscale rescaled by its maximum to 0-255 before conversion"
+)
 
 
 def export_run(run: FinishedRun, out: Path) -> Path:
@@ -32,7 +40,7 @@ def export_run(run: FinishedRun, out: Path) -> Path:
         raise FmtransferError(
             f"make export needs onnx and onnxscript ({exc}); run `make venv` to install them."
         ) from exc
-    model = build_classifier(run).float().eval()
+    model = build_classifier(run, run_precision=False).float().eval()
     size = tuple(int(v) for v in run.data_config["input_size"])
     example = torch.zeros(2, *size)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -55,11 +63,14 @@ def export_run(run: FinishedRun, out: Path) -> Path:
             )
         onnx_program.save(str(tmp / "model.onnx"))
         (tmp / "labels.json").write_text(json.dumps(run.class_names, indent=2))
-        preprocessing = {k: _plain(run.data_config.get(k)) for k in PREPROCESSING_KEYS}
+        preprocessing = {
+            "to_rgb": RGB_CONVERSION,
+            "timm_transform": {k: _plain(run.data_config.get(k)) for k in PREPROCESSING_KEYS},
+        }
         (tmp / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
-        (tmp / "source.json").write_text(
-            json.dumps({"run": str(run.path.resolve()), "regime": run.regime, "backbone": run.spec.name}, indent=2)
-        )
+        source = {"run": str(run.path.resolve()), "regime": run.regime, "backbone": run.spec.name}
+        source |= {"run_precision": run.precision, "graph_precision": "float32"}
+        (tmp / "source.json").write_text(json.dumps(source, indent=2))
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)

@@ -22,43 +22,51 @@ from fmtransfer.backbone import (
     build_suffix,
     parse_levels,
     split_level,
+    to_channels_last,
 )
 from fmtransfer.cache import pool_map
 from fmtransfer.deploy.rundir import FinishedRun, RunDirError
 from fmtransfer.heads import LinearProbeHead, build_head
 from fmtransfer.regimes.live import PreLogitsOf
+from fmtransfer.training import in_precision
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class CachedLevels(nn.Module):
-    """The frozen backbone's maps of ``levels`` as the cache stores them (pooled, cast) and heads read them
-    (globally averaged to one vector per level)."""
+    """The frozen backbone's maps of ``levels`` as the cache stores them (extracted in ``precision``, pooled, cast)
+    and heads read them (globally averaged to one vector per level)."""
 
     def __init__(self, extractor: FeatureMapExtractor, pool: str, pool_size: int, dtype: str, global_mean: bool):
         super().__init__()
         self.extractor = extractor.requires_grad_(False).eval()
         self.pool, self.pool_size, self.dtype = pool, int(pool_size), CACHE_DTYPES[dtype]
         self.global_mean = global_mean
+        self.precision = "32-true"  # the run's extraction precision (set by build_classifier)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
-        for name, x in self.extractor(images).items():
+        with in_precision(self.precision, images.device.type):
+            maps = self.extractor(images)
+        for name, x in maps.items():
             x = pool_map(x.float(), self.pool, self.pool_size).to(self.dtype).float()
             out[name] = x.mean(dim=(2, 3)) if self.global_mean and x.ndim == 4 else x
         return out
 
 
 class ImageClassifier(nn.Module):
-    """``features`` (images -> what the head reads) then ``head`` (-> logits)."""
+    """``features`` (images -> what the head reads) then ``head`` (-> logits), in ``precision`` (cached maps in
+    their own)."""
 
     def __init__(self, features: nn.Module, head: nn.Module):
         super().__init__()
         self.features = features
         self.head = head
+        self.precision = "32-true"  # the run's training precision (set by build_classifier)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        with in_precision(self.precision, images.device.type):
+            return self.head(self.features(images)).float()
 
 
 class SingleLevel(nn.Module):
@@ -162,8 +170,20 @@ MODEL_BUILDERS: dict[str, Callable[[FinishedRun, dict], ImageClassifier]] = {
 }
 
 
-def build_classifier(run: FinishedRun) -> ImageClassifier:
-    """The run's model in eval mode, weights loaded weights-only and strictly."""
+def build_classifier(run: FinishedRun, run_precision: bool = True) -> ImageClassifier:
+    """The run's model in eval mode, weights loaded weights-only and strictly.
+
+    ``run_precision``: it computes as the run did (cached maps in the extraction precision, the rest in the training
+    precision: bf16 autocast where the run used it; the run's memory layout), so it gives the run's own predictions;
+    otherwise in float32.
+    """
     if run.regime not in MODEL_BUILDERS:
         raise RunDirError(f"run={run.path}: regime {run.regime!r} cannot be rebuilt; known: {sorted(MODEL_BUILDERS)}.")
-    return MODEL_BUILDERS[run.regime](run, run.state_dict()).eval()
+    model = MODEL_BUILDERS[run.regime](run, run.state_dict()).eval()
+    precision = run.precision if run_precision else {"training": "32-true", "extraction": "32-true"}
+    for module in model.modules():
+        if isinstance(module, (ImageClassifier, CachedLevels)):
+            module.precision = precision["extraction" if isinstance(module, CachedLevels) else "training"]
+    if run_precision and run.channels_last:
+        to_channels_last(model)
+    return model

@@ -9,6 +9,7 @@ the backbone again.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from fmtransfer.deploy.model import build_classifier, frozen_head, head_levels
 from fmtransfer.deploy.rundir import FinishedRun
 from fmtransfer.errors import DataError
 from fmtransfer.heads import PooledFeatureDataset
+from fmtransfer.training import in_precision
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 PREDICT_SPLIT = "predict"  # the cache's split name for prediction inputs
@@ -48,15 +52,17 @@ def flat_image_files(folder: Path) -> list[Path] | None:
     return files if files and not subfolders else None
 
 
-def read_input(path: str, class_names: list[str], cache_dir: str | None = None) -> PredictionInput:
-    """``path`` as images to classify (see the module doc)."""
+def read_input(
+    path: str, class_names: list[str], cache_dir: str | None = None, csv_columns: dict[str, str] | None = None
+) -> PredictionInput:
+    """``path`` as images to classify (see the module doc); ``csv_columns`` names a CSV's columns."""
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=class_names)})
     flat = flat_image_files(Path(path).expanduser())
     if flat is not None:
         files = [str(p.resolve()) for p in flat]
         images = Dataset.from_dict({"image": files, "label": [0] * len(files)}, features=features)
         return PredictionInput(images, files, labelled=False)
-    dsd, _, _ = load_image_dataset(path, "auto", cache_dir)
+    dsd, _, _ = load_image_dataset(path, "auto", cache_dir, csv_columns)
     parts, paths = [], []
     for split, ds in dsd.items():
         names = ds.features["label"].names
@@ -90,13 +96,15 @@ def frozen_probabilities(run: FinishedRun, images: Dataset, batch_size: int, num
         build_eval_transform(run.data_config),
         spec,
         lambda: FeatureMapExtractor(run.spec.create()[0], list(levels)),
-        trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False},
+        # The run's extraction precision: bf16 maps differ from fp32 ones, and the head learned from the run's.
+        trainer_kwargs={"accelerator": "cpu", "precision": run.precision["extraction"], "enable_progress_bar": False},
         batch_size=batch_size,
         num_workers=num_workers,
+        channels_last=run.channels_last,
     )
-    print(f"[cache] {'hit: reusing' if result.hit else 'extracted'} {result.split.path}")
+    log.info(f"{'hit: reusing' if result.hit else 'extracted'} {result.split.path}")
     pooled = PooledFeatureDataset.from_cache(result.split, [lv.name for lv in levels])
-    with torch.no_grad():
+    with torch.no_grad(), in_precision(run.precision["training"], "cpu"):
         return frozen_head(run)(pooled.features).float().softmax(-1)
 
 
@@ -107,6 +115,7 @@ def live_probabilities(run: FinishedRun, images: Dataset, batch_size: int, num_w
         ImageClassificationDataset(images, build_eval_transform(run.data_config)),
         batch_size=batch_size,
         num_workers=num_workers,
+        channels_last=run.channels_last,
     )
     out = []
     with torch.no_grad():
@@ -115,10 +124,17 @@ def live_probabilities(run: FinishedRun, images: Dataset, batch_size: int, num_w
     return torch.cat(out)
 
 
-def predict(run: FinishedRun, data_path: str, out: Path, batch_size: int = 64, num_workers: int = 0) -> Path:
+def predict(
+    run: FinishedRun,
+    data_path: str,
+    out: Path,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    csv_columns: dict[str, str] | None = None,
+) -> Path:
     """Classify ``data_path`` with ``run``; writes ``out`` (``path,pred,prob_<class>...[,label]``) and returns it."""
-    inputs = read_input(data_path, run.class_names, str(Path(run.cfg.paths.data_dir) / "hf"))
-    print(f"[predict] {len(inputs.paths)} images from {data_path} with the {run.regime} run {run.path}")
+    inputs = read_input(data_path, run.class_names, str(Path(run.cfg.paths.data_dir) / "hf"), csv_columns)
+    log.info(f"{len(inputs.paths)} images from {data_path} with the {run.regime} run {run.path}")
     probabilities = frozen_probabilities if run.regime == "frozen" else live_probabilities
     probs = probabilities(run, inputs.images, batch_size, num_workers)
     names = run.class_names
@@ -136,5 +152,5 @@ def predict(run: FinishedRun, data_path: str, out: Path, batch_size: int = 64, n
     tmp.replace(out)  # never a half-written predictions.csv
     if labels is not None:
         accuracy = sum(names[labels[i]] == names[int(p.argmax())] for i, p in enumerate(probs)) / len(labels)
-        print(f"[predict] accuracy on the given labels: {accuracy:.4f}")
+        log.info(f"accuracy on the given labels: {accuracy:.4f}")
     return out

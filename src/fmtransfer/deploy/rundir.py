@@ -40,6 +40,18 @@ class FinishedRun:
     def class_names(self) -> list[str]:
         return list(self.metrics["class_names"])
 
+    @property
+    def precision(self) -> dict[str, str]:
+        """The Lightning precisions the run trained and predicted in (``training``) and extracted its cached maps in
+        (``extraction``): a rebuilt model reproduces them, since bf16 maps and logits differ from fp32 ones."""
+        recorded = self.metrics.get("precision") or {}
+        return {k: str(recorded.get(k) or "32-true") for k in ("training", "extraction")}
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the run's backbone computed in NHWC layout: bf16 convolutions round differently in each layout."""
+        return bool(self.metrics.get("channels_last"))
+
     def checkpoint_path(self) -> Path:
         """The selected weights (``best``, ``initial`` or, after a refit, ``final``), found in this run dir even if
         it was moved since it was written."""

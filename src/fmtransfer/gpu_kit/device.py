@@ -8,6 +8,7 @@ so a crash in one comparison leaves the others and the archive intact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import TextIO
 
 from fmtransfer.gpu_kit.stages import DATA, DeviceStage, Experiment
+
+log = logging.getLogger(__name__)
 
 # make bench on a GPU: the backbone's own 224 px, bf16-mixed, NHWC (auto on CUDA), pinned memory, 8 decoding workers.
 BENCH_OVERRIDES = ("trainer=gpu", "data.image_size=224", "cache.batch_size=256", "data.num_workers=8")
@@ -156,7 +159,7 @@ def run_stage(
         os.environ["FMTRANSFER_COMMIT"] = str(kit_info["commit"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     environment = describe_environment(root)
-    print(f"[gpu-report] stage {stage.name} on {environment['device']}, deadline {deadline_s:.0f} s", flush=True)
+    log.info(f"stage {stage.name} on {environment['device']}, deadline {deadline_s:.0f} s")
 
     jobs: list[Job] = []
     if stage.bench:
@@ -198,6 +201,6 @@ def run_stage(
     archive = archive_stage(stage, work, jobs, manifest, out)
     for job in jobs:
         state = "timed out" if job.timed_out else f"exit {job.returncode}"
-        print(f"[gpu-report] {job.name}: {state} after {job.seconds:.0f} s", flush=True)
+        log.info(f"{job.name}: {state} after {job.seconds:.0f} s")
     print(f"archive: {archive}", flush=True)
     return archive

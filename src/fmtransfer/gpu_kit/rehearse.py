@@ -10,6 +10,7 @@ too. Prints ``rehearsal: <folder>`` last.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -21,6 +22,8 @@ from fmtransfer.errors import FmtransferError
 from fmtransfer.gpu_kit.pack import pack
 from fmtransfer.gpu_kit.stages import EXPERIMENTS
 from fmtransfer.gpu_kit.unpack import unpack
+
+log = logging.getLogger(__name__)
 
 TINY_PER_CLASS = 6
 TINY_OVERRIDES = {
@@ -69,7 +72,7 @@ def run_device_stage(root: Path, stage: str, kit: Path, out: Path, site: Path) -
         GPU_KIT_SITE=str(site),
         GPU_REPORT_OVERRIDES=json.dumps(TINY_OVERRIDES),
     )
-    print(f"[rehearse] device stage {stage} on the CPU", flush=True)
+    log.info(f"device stage {stage} on the CPU")
     done = subprocess.run(["bash", str(root / "scripts" / "gpu-stage"), stage], cwd=root, env=env)
     archive = out / f"gpu-report-{stage}.tar.gz"
     if done.returncode != 0 or not archive.is_file():
@@ -83,7 +86,7 @@ def rehearse(root: Path, shared: Path) -> Path:
     kit, out, site, dest = folder / "kit", folder / "out", folder / "site", folder / "unpacked"
     datasets = [e.dataset for e in EXPERIMENTS.values() if (shared / e.dataset).is_dir()]
     if not datasets:
-        print(f"[rehearse] {shared} is missing: rehearsing the bench stage only (the comparisons need its datasets)")
+        log.info(f"{shared} is missing: rehearsing the bench stage only (the comparisons need its datasets)")
     # Wheels for this interpreter (the device's are for its Python 3.12): the same packages, versions and install step.
     pack(root, shared, datasets, per_class=TINY_PER_CLASS, kit=kit, python=platform.python_version())
     # "all" covers the bench, a comparison alone (its first group) and comparisons run at once (its second); the

@@ -1,6 +1,7 @@
 """Heads stage: small classifiers trained on cached (pooled) feature maps."""
 
 from fmtransfer.heads.data import (
+    AugmentedViewsDataset,
     CachedMapDataset,
     InMemoryDataset,
     PooledFeatureDataset,
@@ -8,7 +9,7 @@ from fmtransfer.heads.data import (
     feature_loader,
     pooled_level,
 )
-from fmtransfer.heads.fit import fit_probe_in_place
+from fmtransfer.heads.fit import fit_probe_in_place, fit_regularised_probe
 from fmtransfer.heads.heads import (
     HEADS,
     FeatureNormalizer,
@@ -21,6 +22,7 @@ from fmtransfer.heads.module import HeadClassifier
 
 __all__ = [
     "HEADS",
+    "AugmentedViewsDataset",
     "CachedMapDataset",
     "FeatureNormalizer",
     "HeadClassifier",
@@ -33,5 +35,6 @@ __all__ = [
     "build_head",
     "feature_loader",
     "fit_probe_in_place",
+    "fit_regularised_probe",
     "pooled_level",
 ]

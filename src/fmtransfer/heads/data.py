@@ -6,6 +6,7 @@ there by ``ResidentBatches``: no DataLoader, no per-step host-to-device copy.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 
@@ -95,7 +96,57 @@ class CachedMapDataset(Dataset):
         return CachedMapDataset(self.maps.to(device), self.labels.to(device))
 
 
-InMemoryDataset = PooledFeatureDataset | CachedMapDataset
+class AugmentedViewsDataset(Dataset):
+    """``V`` cached augmented views of every training image's map (float16 in memory), served as float32 batches.
+
+    Each time an image is served it comes as its next view, in an order drawn per image from ``seed``: a fresh view
+    per image per epoch, every view once in ``V`` epochs, and the same sequence for the same seed.
+    """
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+        self.views = views  # [V, N, ...]
+        self.labels = labels
+        generator = torch.Generator().manual_seed(seed)
+        self.order = torch.argsort(torch.rand(len(labels), len(views), generator=generator), dim=1)
+        self.served = torch.zeros(len(labels), dtype=torch.long)
+
+    @classmethod
+    def from_cache(cls, splits: Sequence[CachedSplit], level: str, seed: int = 0) -> AugmentedViewsDataset:
+        labels = splits[0].labels()
+        if any(not np.array_equal(s.labels(), labels) for s in splits[1:]):
+            raise ValueError(f"the views {[str(s.path) for s in splits]} are not of the same images")
+        first = splits[0].level(level)
+        views = np.empty((len(splits), *first.shape), dtype=first.dtype)
+        for v, split in enumerate(splits):
+            split.load(level, out=views[v])
+        return cls(torch.from_numpy(views), torch.from_numpy(labels), seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        maps, labels = self.__getitems__([index])
+        return maps[0], labels[0]
+
+    def __getitems__(self, indices: list[int] | torch.Tensor):
+        idx = torch.as_tensor(indices, device=self.labels.device)
+        view = self.order[idx, self.served[idx] % len(self.views)]
+        self.served[idx] += 1
+        return self.views[view, idx].float(), self.labels[idx]
+
+    @property
+    def nbytes(self) -> int:
+        return self.views.nbytes + self.labels.nbytes
+
+    def to(self, device: torch.device | str) -> AugmentedViewsDataset:
+        """The same dataset, where it is in its views' sequence, with its tensors on ``device``."""
+        out = copy.copy(self)
+        out.views, out.labels = self.views.to(device), self.labels.to(device)
+        out.order, out.served = self.order.to(device), self.served.to(device)
+        return out
+
+
+InMemoryDataset = PooledFeatureDataset | CachedMapDataset | AugmentedViewsDataset
 
 
 def _whole_batch(batch):

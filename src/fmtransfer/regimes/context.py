@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,10 @@ from fmtransfer.backbone import (
     BackboneSpec,
     FeatureMapExtractor,
     LevelInfo,
+    SeededView,
+    augment_settings,
     build_eval_transform,
+    build_train_transform,
     describe_backbone,
     resolve_data_config,
 )
@@ -30,6 +34,8 @@ from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import per_class_table
 from fmtransfer.training import TrainingTools, epochs_for
 from fmtransfer.training.datamodules import SPLITS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +84,24 @@ class RunContext:
             return max(int(self.cfg.data.cv.horizon), epochs)
         return epochs
 
+    @property
+    def train_augment(self) -> dict:
+        """The training images' augmentation (``data.augment``, checked): every regime that trains on images, or on
+        cached views of them, uses it."""
+        return augment_settings(OmegaConf.to_container(self.cfg.data.get("augment") or {}, resolve=True))
+
+    def lazy_extractor(self, cache_spec: CacheSpec) -> Callable[[], FeatureMapExtractor]:
+        """A builder of the backbone's extractor for ``cache_spec``'s levels that builds it on its first call only
+        (a cache hit never loads the backbone)."""
+        built: dict[str, FeatureMapExtractor] = {}
+
+        def build_extractor() -> FeatureMapExtractor:
+            if "extractor" not in built:
+                built["extractor"] = FeatureMapExtractor(self.spec.create()[0], list(cache_spec.levels))
+            return built["extractor"]
+
+        return build_extractor
+
     def cache_spec(self, levels: Sequence[LevelInfo], pool: str | None = None) -> CacheSpec:
         """``cache.*`` settings for ``levels`` (``pool`` overrides ``cache.pool``, e.g. ``none`` for full maps)."""
         c = self.cfg.cache
@@ -87,44 +111,69 @@ class RunContext:
         """Every split's maps for ``cache_spec``, from the cache or extracted now (backbone built once, lazily)."""
         began = time.perf_counter()
         cache = FeatureCache(self.cfg.cache.dir, self.cfg.cache.verify)
-        built: dict[str, FeatureMapExtractor] = {}
-
-        def build_extractor() -> FeatureMapExtractor:
-            if "extractor" not in built:
-                built["extractor"] = FeatureMapExtractor(self.spec.create()[0], list(cache_spec.levels))
-            return built["extractor"]
-
+        build_extractor = self.lazy_extractor(cache_spec)
         results = {split: self.cache_split(cache, split, cache_spec, build_extractor) for split in SPLITS}
         # The test split's extraction is evaluation, not the cost of a model; a refit's validation is its train.
         for split in ("train",) if self.refit else ("train", "validation"):
             entry = results[split].split
             self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
         hit = all(c.hit for c in results.values())
-        print(f"[cache] {'hit: reusing' if hit else 'built'} {results['train'].split.path.parent}")
+        log.info(f"{'hit: reusing' if hit else 'built'} {results['train'].split.path.parent}")
+        self.add_phase("cache", time.perf_counter() - began)
+        return results
+
+    def cache_train_views(self, cache_spec: CacheSpec, views: int, seed: int) -> list[CacheResult]:
+        """``views`` augmented views of the training split's maps (``data.augment``'s transform, view v of image i
+        drawn from ``seed``, v and i alone): one cache entry per view, from the cache or extracted now.
+
+        A view's draw depends on an image's row in the split it was extracted from, and a cross-validation split's
+        views are gathered from the views of the splits its rows come from: every seed, fold, candidate and refit
+        of a comparison trains on the same views.
+        """
+        began = time.perf_counter()
+        cache = FeatureCache(self.cfg.cache.dir, self.cfg.cache.verify)
+        build_extractor = self.lazy_extractor(cache_spec)
+        augment = build_train_transform(self.data_config, self.train_augment)
+        results = [
+            self.cache_split(cache, "train", cache_spec, build_extractor, SeededView(augment, v, views, seed))
+            for v in range(views)
+        ]
+        for entry in (r.split for r in results):
+            self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
+        hit = all(r.hit for r in results)
+        log.info(f"{'hit: reusing' if hit else 'built'} {views} augmented views of the training maps")
         self.add_phase("cache", time.perf_counter() - began)
         return results
 
     def cache_split(
-        self, cache: FeatureCache, split: str, cache_spec: CacheSpec, build_extractor: Callable[[], FeatureMapExtractor]
+        self,
+        cache: FeatureCache,
+        split: str,
+        cache_spec: CacheSpec,
+        build_extractor: Callable[[], FeatureMapExtractor],
+        transform: Callable | None = None,
     ) -> CacheResult:
-        """One split's maps in ``cache``, from it or extracted now by ``build_extractor()`` (called on a miss).
+        """One split's maps in ``cache``, from it or extracted now by ``build_extractor()`` (called on a miss),
+        through ``transform`` (None: the eval transform).
 
         A cross-validation split's maps are gathered from the entries of the splits its rows come from (those are
         the entries every other run of the comparison uses), never extracted again.
         """
         origin = self.data.origin.get(split)
+        transform = transform or build_eval_transform(self.data_config)
 
         def gather() -> list[RowSource]:
             names, rows = origin
             sources = []
             for base in dict.fromkeys(names):
-                entry = self.ensure_entry(cache, base, self.data.base_splits[base], cache_spec, build_extractor)
+                dataset = self.data.base_splits[base]
+                entry = self.ensure_entry(cache, base, dataset, cache_spec, build_extractor, transform)
                 mask = np.asarray([n == base for n in names])
                 sources.append(RowSource(entry.split, rows[mask], np.flatnonzero(mask)))
             return sources
 
         return self.ensure_entry(
-            cache, split, self.data.splits[split], cache_spec, build_extractor, gather if origin else None
+            cache, split, self.data.splits[split], cache_spec, build_extractor, transform, gather if origin else None
         )
 
     def ensure_entry(
@@ -134,9 +183,10 @@ class RunContext:
         dataset,
         cache_spec: CacheSpec,
         build_extractor: Callable[[], FeatureMapExtractor],
+        transform: Callable,
         gather: Callable[[], list[RowSource]] | None = None,
     ) -> CacheResult:
-        """``dataset``'s maps under the split name ``split``: found, gathered, or extracted."""
+        """``dataset``'s maps through ``transform`` under the split name ``split``: found, gathered, or extracted."""
         return ensure_feature_cache(
             cache,
             split,
@@ -145,7 +195,7 @@ class RunContext:
             self.spec.name,
             self.spec.weights.identity(),
             self.data_config,
-            build_eval_transform(self.data_config),
+            transform,
             cache_spec,
             build_extractor,
             trainer_kwargs=self.tools.extraction_kwargs,
@@ -298,8 +348,8 @@ def start_run(
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = load_data(cfg)
     for note in data.notes:
-        print(f"[data] {note}")
-    print(f"[data] {data.source.description}: {data.sizes()} images, {data.num_classes} classes")
+        (log.warning if note.startswith("warning") else log.info)(note.removeprefix("warning: "))
+    log.info(f"{data.source.description}: {data.sizes()} images, {data.num_classes} classes")
     spec = describe_backbone(cfg.backbone.name, weights or cfg.backbone.weights, cfg.backbone.checkpoint)
     overrides = preprocessing_overrides(cfg, data)
     if image_size is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -14,9 +15,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FixedBatchNormStats, to_channels_last
-from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_probe_in_place
+from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_regularised_probe
 from fmtransfer.regimes.context import RunContext, start_run
 from fmtransfer.training import ImageDataModule, TrainingTools, fit_select_test, reseed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,8 +87,9 @@ def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearPro
     """A linear head on ``pre_logits``; with ``probe_init`` it starts as a probe fitted on the frozen features (LP-FT).
 
     The frozen pre-logits come from the feature cache (a hit when the frozen regime ran with the same settings).
-    The probe is fitted for its fixed number of steps on the training split alone, in a fold as in a refit: the
-    start a fold validates is the start its refit trains from, and it never saw the fold's validation images.
+    The probe is an L2-regularised logistic regression (``fit_regularised_probe``: strength by inner
+    cross-validation) on the training split alone, in a fold as in a refit: the start a fold validates is the start
+    its refit trains from, and it never saw the fold's validation images.
     """
     pre = next(lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS)
     if probe_init:
@@ -95,9 +99,9 @@ def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearPro
     head = LinearProbeHead({PRE_LOGITS: pre.channels}, ctx.data.num_classes)
     if probe_init:
         began = time.perf_counter()
-        loss = fit_probe_in_place(head, train.features, train.labels)
+        loss = fit_regularised_probe(head, train.features, train.labels, seed=ctx.seed)
         ctx.add_phase("probe", time.perf_counter() - began)
-        print(f"[{regime}] head starts as a linear probe on frozen pre_logits (training loss {loss:.3f})")
+        log.info(f"{regime}: head starts as a linear probe on frozen pre_logits (training loss {loss:.3f})")
     return head
 
 
@@ -112,13 +116,14 @@ class PreLogitsOf(nn.Module):
         return {PRE_LOGITS: self.module(x).flatten(1)}
 
 
-def image_datamodule(ctx: RunContext, batch_size: int, augment: bool) -> ImageDataModule:
-    """The run's splits as decoded images (``data.num_workers`` workers, pinned memory on a GPU)."""
+def image_datamodule(ctx: RunContext, batch_size: int) -> ImageDataModule:
+    """The run's splits as decoded images, training images augmented by ``data.augment`` (``data.num_workers``
+    workers, pinned memory on a GPU)."""
     return ImageDataModule(
         ctx.data.splits,
         ctx.data_config,
         batch_size,
-        augment,
+        ctx.train_augment,
         num_workers=ctx.cfg.data.num_workers,
         pin_memory=ctx.tools.placement.cuda,
     )
@@ -141,7 +146,7 @@ class WholeBackboneRegime(BackboneTraining):
         reseed(ctx.seed)  # scratch's random initialisation must not depend on what ran before
         model, info = ctx.spec.create(drop_path_rate=self.drop_path_rate)
         features = FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS])
-        results = self.fit(ctx, head, features, image_datamodule(ctx, self.batch_size, augment=True), callbacks)
+        results = self.fit(ctx, head, features, image_datamodule(ctx, self.batch_size), callbacks)
         return ctx.metrics(self.name, results, regime_config=self.settings(), weights=info.detail)
 
 

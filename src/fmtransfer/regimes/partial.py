@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, build_suffix, split_level
-from fmtransfer.heads import CachedMapDataset
+from fmtransfer.cache import CacheResult
+from fmtransfer.heads import AugmentedViewsDataset, CachedMapDataset
 from fmtransfer.regimes.context import start_run
 from fmtransfer.regimes.live import BackboneTraining, PreLogitsOf, image_datamodule, pre_logits_head
 from fmtransfer.training import CachedFeatureDataModule, TrainingTools
@@ -37,14 +38,17 @@ class PartialRegime(BackboneTraining):
     """Train the last ``k`` stages + a linear head.
 
     By default an epoch runs only the trainable suffix, on the frozen prefix's output read from the feature cache
-    (extracted once, full resolution). ``live_prefix`` runs the prefix every step instead, so the training images
-    can be augmented.
+    (extracted once, full resolution): with ``views`` > 0, the prefix's output on that many augmented views of every
+    training image (``data.augment``, drawn from ``view_seed``), a fresh view per image per epoch; with 0, on the
+    un-augmented images. ``live_prefix`` runs the prefix every step on freshly augmented images instead.
     """
 
     name: ClassVar[str] = "partial"
     k: int  # trainable stages from the end, counted in the backbone's feature_info
     live_prefix: bool
     lp_init: bool  # start the head from a linear probe on the frozen features
+    views: int = 0  # cached augmented views of each training image (0: the un-augmented maps)
+    view_seed: int = 0  # the views' draws: fixed across training seeds, so every run reuses the same views
 
     def run(self, cfg: DictConfig, run_dir: Path, tools: TrainingTools, callbacks: Sequence[pl.Callback] = ()) -> dict:
         ctx = start_run(cfg, run_dir, tools)
@@ -55,20 +59,33 @@ class PartialRegime(BackboneTraining):
         if self.live_prefix:
             prefix = LivePrefix(FeatureMapExtractor(copy.deepcopy(model), [level]), level.name)
             features = nn.Sequential(prefix, PreLogitsOf(suffix))
-            datamodule = image_datamodule(ctx, self.batch_size, augment=True)
+            datamodule = image_datamodule(ctx, self.batch_size)
             extract_seconds = 0.0
         else:
             features = PreLogitsOf(suffix)
+            spec = ctx.cache_spec([level], pool="none")
+            views: list[CacheResult] = []
+
+            def train_views() -> AugmentedViewsDataset:
+                views.extend(ctx.cache_train_views(spec, self.views, self.view_seed))
+                return AugmentedViewsDataset.from_cache([v.split for v in views], level.name, seed=ctx.seed)
+
             datamodule = CachedFeatureDataModule(
-                lambda: ctx.cache_splits(ctx.cache_spec([level], pool="none")),
+                lambda: ctx.cache_splits(spec),
                 lambda split: CachedMapDataset.from_cache(split, level.name),
                 self.batch_size,
                 ctx.tools.placement,
                 ctx.seed,
                 drop_last_train=True,
+                make_train=train_views if self.views > 0 else None,
             )
             datamodule.setup("fit")  # extract (or find) the prefix output before training is timed
-            extract_seconds = sum(c.extract_seconds for c in datamodule.caches.values())
+            extract_seconds = sum(c.extract_seconds for c in [*datamodule.caches.values(), *views])
         results = self.fit(ctx, head, features, datamodule, callbacks)
-        split = {"split_level": level.name, "split_module": level.module, "prefix_extract_seconds": extract_seconds}
+        split = {
+            "split_level": level.name,
+            "split_module": level.module,
+            "prefix_extract_seconds": extract_seconds,
+            "training_maps": "live" if self.live_prefix else f"{self.views} cached views" if self.views else "cached",
+        }
         return ctx.metrics(self.name, results, regime_config=self.settings(), partial=split)

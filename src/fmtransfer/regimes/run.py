@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -12,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.errors import ConfigError
 from fmtransfer.training import TrainingTools, instantiate_training
+
+log = logging.getLogger(__name__)
 
 
 class Regime(Protocol):
@@ -48,5 +51,5 @@ def run_regime(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] 
     if "_target_" not in cfg.get("regime", {}):
         raise ConfigError("regime: not a regime config; choose one from configs/regime/, e.g. regime=partial.")
     regime: Regime = hydra.utils.instantiate(cfg.regime, _convert_="all")
-    print(f"[run] {regime.name} regime -> {run_dir}")
+    log.info(f"{regime.name} regime -> {run_dir}")
     return regime.run(cfg, run_dir, instantiate_training(cfg), callbacks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from fmtransfer.report.render import write_report
 from fmtransfer.report.runs import depth_curve, report_dir_for, run_all, shots_key
 from fmtransfer.report.stats import summarise_runs
 from fmtransfer.report.verdict import headline_shots, paired_inputs, verdict
+
+log = logging.getLogger(__name__)
 
 
 def test_predictions(records: list[dict], class_names: list[str]) -> tuple[np.ndarray | None, dict]:
@@ -98,8 +101,8 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
     report_dir = report_dir_for(cfg)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    print(
-        f"[compare] {cfg.compare.name}: {list(cfg.compare.regimes)} x seeds {list(cfg.compare.seeds)} x shots "
+    log.info(
+        f"{cfg.compare.name}: {list(cfg.compare.regimes)} x seeds {list(cfg.compare.seeds)} x shots "
         f"{[shots_key(s) for s in cfg.compare.shots]}, preset {cfg.compare.preset} -> {report_dir}"
     )
     records, skipped = run_all(cfg, report_dir)

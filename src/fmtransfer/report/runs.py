@@ -7,6 +7,7 @@ so an interrupted comparison resumes where it stopped (and an interrupted run re
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ RUN_FIELDS = (
     "channels_last",
     "leakage",
 )
+
+log = logging.getLogger(__name__)
 
 
 def shots_key(shots) -> str:
@@ -107,12 +110,12 @@ class BudgetedRunner:
     def __call__(self, label: str, run_cfg: DictConfig, run_dir: Path) -> dict | None:
         done = run_dir / "metrics.json"
         if done.is_file():
-            print(f"{label}: done earlier, reusing {done}")
+            log.info(f"{label}: done earlier, reusing {done}")
             return json.loads(done.read_text())
         if self.budget is not None and time.perf_counter() - self.started + self.longest > self.budget:
-            print(f"{label}: not run (compare.time_budget_s={self.budget} would be exceeded)")
+            log.warning(f"{label}: not run (compare.time_budget_s={self.budget} would be exceeded)")
             return None
-        print(f"{label}: running")
+        log.info(f"{label}: running")
         start = time.perf_counter()
         metrics = run_regime(run_cfg, run_dir)
         seconds = time.perf_counter() - start
@@ -120,7 +123,7 @@ class BudgetedRunner:
         scored = (
             f"test acc {metrics['test']['acc']:.4f}" if metrics["test"] else f"fold acc {metrics['val']['acc']:.4f}"
         )
-        print(f"{label}: {scored} in {seconds:.0f} s")
+        log.info(f"{label}: {scored} in {seconds:.0f} s")
         return metrics
 
 
@@ -169,12 +172,12 @@ def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
         if not selection.complete:
             skipped += [{"regime": regime, "seed": s, "shots_per_class": shots} for s in seeds]
             continue
-        print(f"[compare {g}/{len(groups)}] {regime}, shots {shots}: {describe_selection(selection)}")
+        log.info(f"selected {g}/{len(groups)}: {regime}, shots {shots}: {describe_selection(selection)}")
         group = []
         for seed in seeds:
             run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
             final = final_run_config(cfg, regime, seed, shots, selection)
-            metrics = runner(f"[compare {g}/{len(groups)}] {regime}, seed {seed}, shots {shots}", final, run_dir)
+            metrics = runner(f"final {g}/{len(groups)}: {regime}, seed {seed}, shots {shots}", final, run_dir)
             if metrics is None:
                 skipped.append({"regime": regime, "seed": seed, "shots_per_class": shots})
                 continue

@@ -208,7 +208,7 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
         curves, run_dirs, horizons = [], [], []
         for f in range(folds):
             what = f"fold {f + 1}/{folds}" if protocol == "cv" else "validation"
-            label = f"[select] {regime}, shots {shots}, candidate {c + 1}/{len(candidates)}, {what}"
+            label = f"select: {regime}, shots {shots}, candidate {c + 1}/{len(candidates)}, {what}"
             if protocol == "cv":
                 cfg_run, run_dir = cv_settings(cand, folds=folds, fold=f), select_dir / f"candidate{c}-fold{f}"
             else:

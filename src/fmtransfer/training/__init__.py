@@ -10,10 +10,12 @@ from fmtransfer.training.datamodules import CachedFeatureDataModule, ImageDataMo
 from fmtransfer.training.fit import epochs_for, fit_select_test, reseed, validation_interval
 from fmtransfer.training.instantiate import TrainingTools, instantiate_training
 from fmtransfer.training.placement import (
+    InPrecision,
     Placement,
     Precision,
     cpu_has_native_bf16,
     feature_batches,
+    in_precision,
     resolve_placement,
     resolve_precision,
 )
@@ -22,6 +24,7 @@ __all__ = [
     "CachedFeatureDataModule",
     "EpochTimer",
     "ImageDataModule",
+    "InPrecision",
     "PeakMemory",
     "Placement",
     "Precision",
@@ -30,6 +33,7 @@ __all__ = [
     "epochs_for",
     "feature_batches",
     "fit_select_test",
+    "in_precision",
     "instantiate_training",
     "release_free_memory",
     "reseed",

@@ -50,16 +50,16 @@ class _EvaluateOnce(pl.LightningDataModule):
 
 
 class ImageDataModule(_EvaluateOnce):
-    """Decoded images of every split: timm's training augmentation on train (if ``augment``), the eval transform
-    elsewhere. A last, smaller training batch is dropped unless ``drop_last_train`` is false (BatchNorm in train
-    mode cannot take a batch of one image)."""
+    """Decoded images of every split: timm's training augmentation with ``augment``'s settings on train (None: the
+    eval transform there too), the eval transform elsewhere. A last, smaller training batch is dropped unless
+    ``drop_last_train`` is false (BatchNorm in train mode cannot take a batch of one image)."""
 
     def __init__(
         self,
         splits: Mapping[str, Dataset],
         data_config: dict,
         batch_size: int,
-        augment: bool,
+        augment: Mapping | None,
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last_train: bool = True,
@@ -76,7 +76,8 @@ class ImageDataModule(_EvaluateOnce):
     def loader(self, split: str) -> DataLoader:
         train = split == "train"
         eval_tf = build_eval_transform(self.data_config)
-        transform = build_train_transform(self.data_config) if train and self.augment else eval_tf
+        augmented = train and self.augment is not None
+        transform = build_train_transform(self.data_config, self.augment) if augmented else eval_tf
         return DataLoader(
             ImageClassificationDataset(self.splits[split], transform),
             batch_size=self.batch_size,
@@ -96,7 +97,8 @@ class CachedFeatureDataModule(_EvaluateOnce):
 
     ``load_caches`` returns each split's cache entry, extracting the maps first on a miss: it runs in ``setup``
     (once, however often Lightning calls it), on every process, since DDP extraction shards the work by rank.
-    ``make_dataset`` turns one cached split into the dataset (pooled vectors for heads, full maps for partial).
+    ``make_dataset`` turns one cached split into the dataset (pooled vectors for heads, full maps for partial);
+    ``make_train``, if given, makes the training set instead (partial's augmented views).
     """
 
     def __init__(
@@ -107,10 +109,12 @@ class CachedFeatureDataModule(_EvaluateOnce):
         placement: Placement,
         seed: int,
         drop_last_train: bool = False,
+        make_train: Callable[[], InMemoryDataset] | None = None,
     ):
         super().__init__()
         self.load_caches = load_caches
         self.make_dataset = make_dataset
+        self.make_train = make_train
         self.batch_size = batch_size
         self.placement = placement
         self.seed = seed
@@ -123,6 +127,8 @@ class CachedFeatureDataModule(_EvaluateOnce):
             return
         self.caches = self.load_caches()
         self.sets = {s: self.make_dataset(self.caches[s].split) for s in SPLITS}
+        if self.make_train is not None:
+            self.sets["train"] = self.make_train()
 
     def loader(self, split: str, shuffle: bool = False, drop_last: bool = False):
         self.setup()

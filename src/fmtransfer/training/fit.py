@@ -8,6 +8,7 @@ score is stored in the run dir, so a resumed run still compares against its true
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier
 from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.training.callbacks import BestEpoch, EpochTimer, PeakMemory, ValidationCurve
+
+log = logging.getLogger(__name__)
 
 # In the checkpoint dir: {"score": validation loss, "state_dict": starting weights, "val_predictions": per image}.
 START_FILE = "start.pt"
@@ -108,7 +111,7 @@ def fit_select_test(
     last_path = Path(last.dirpath) / f"{last.filename}.ckpt" if last is not None else None
     resuming = last_path is not None and last_path.is_file()
     if resuming:
-        print(f"[train] resuming from {last_path}")
+        log.info(f"resuming from {last_path}")
     store = Path(best.dirpath) / START_FILE
     start_score = None
     began = time.perf_counter()

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from fmtransfer.errors import ConfigError
@@ -74,6 +75,30 @@ def cpu_has_native_bf16() -> bool:
     emulates bf16, slower than fp32, so ``auto`` keeps fp32 there."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's mixed precisions
+
+
+def in_precision(precision: str, device_type: str) -> torch.autocast:
+    """What Lightning runs a step in under ``precision``: autocast for the mixed precisions, and autocast off
+    (float32) otherwise, also inside an outer autocast."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+class InPrecision(nn.Module):
+    """``module`` (tensor in, ``{name: tensor}`` out) run in a Lightning ``precision`` wherever it is called, its
+    outputs as float32: a frozen backbone computing what the cache would hold, inside a step of another precision."""
+
+    def __init__(self, module: nn.Module, precision: str):
+        super().__init__()
+        self.module, self.precision = module, precision
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with in_precision(self.precision, x.device.type):
+            out = self.module(x)
+        return {k: v.float() for k, v in out.items()}
 
 
 def resolve_precision(precision: str, cuda: bool, native_bf16: bool | None = None) -> Precision:
