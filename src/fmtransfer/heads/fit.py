@@ -75,24 +75,31 @@ def fit_regularised_probe(head: LinearProbeHead, features: Features, labels: tor
     basis = np.linalg.svd(x, full_matrices=False)[2] if len(x) < x.shape[1] else None
     z = x @ basis.T if basis is not None else x
     classes = np.unique(y)
+    weight = np.zeros((head.classifier.out_features, x.shape[1]))
+    bias = np.full(head.classifier.out_features, -1e4)  # a class absent from training is never predicted
+    if len(classes) < 2:  # nothing to separate: the one class seen
+        bias[classes] = 0.0
+        return _load_probe(head, weight, bias, features, labels)
     folds = min(3, int(np.bincount(y)[classes].min()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence notes at the weakest strengths
-        if folds >= 2 and len(classes) > 1:
+        if folds >= 2:
             cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
             model = LogisticRegressionCV(Cs=PROBE_CS, cv=cv, scoring="neg_log_loss", max_iter=2000)
         else:
             model = LogisticRegression(C=1.0, max_iter=2000)
         model.fit(z, y)
     coef = model.coef_ @ basis if basis is not None else model.coef_
-    weight = np.zeros((head.classifier.out_features, x.shape[1]))
-    bias = np.zeros(head.classifier.out_features)
     if len(classes) == 2 and model.coef_.shape[0] == 1:  # one logit difference: split it between the two classes
         weight[classes[1]], weight[classes[0]] = coef[0] / 2, -coef[0] / 2
         bias[classes[1]], bias[classes[0]] = model.intercept_[0] / 2, -model.intercept_[0] / 2
     else:
         weight[classes], bias[classes] = coef, model.intercept_
-        bias[np.setdiff1d(np.arange(len(bias)), classes)] = -1e4  # a class absent from training is never predicted
+    return _load_probe(head, weight, bias, features, labels)
+
+
+def _load_probe(head: LinearProbeHead, weight: np.ndarray, bias: np.ndarray, features: Features, labels) -> float:
+    """``head``'s linear layer set to ``weight`` and ``bias``; returns its training log loss."""
     with torch.no_grad():
         head.classifier.weight.copy_(torch.from_numpy(weight))
         head.classifier.bias.copy_(torch.from_numpy(bias))
