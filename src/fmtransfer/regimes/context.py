@@ -115,12 +115,16 @@ class RunContext:
         results = {split: self.cache_split(cache, split, cache_spec, build_extractor) for split in SPLITS}
         # The test split's extraction is evaluation, not the cost of a model; a refit's validation is its train.
         for split in ("train",) if self.refit else ("train", "validation"):
-            entry = results[split].split
-            self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
+            self.count_build(results[split])
         hit = all(c.hit for c in results.values())
         log.info(f"{'hit: reusing' if hit else 'built'} {results['train'].split.path.parent}")
         self.add_phase("cache", time.perf_counter() - began)
         return results
+
+    def count_build(self, result: CacheResult) -> None:
+        """Count ``result``'s entry's build time among what this run's maps cost (``cache_build_seconds``)."""
+        entry = result.split
+        self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
 
     def cache_train_views(self, cache_spec: CacheSpec, views: int, seed: int) -> list[CacheResult]:
         """``views`` augmented views of the training split's maps (``data.augment``'s transform, view v of image i
@@ -138,8 +142,8 @@ class RunContext:
             self.cache_split(cache, "train", cache_spec, build_extractor, SeededView(augment, v, views, seed))
             for v in range(views)
         ]
-        for entry in (r.split for r in results):
-            self.cache_build_seconds[str(entry.path)] = float(entry.manifest.get("extract_seconds") or 0.0)
+        for result in results:
+            self.count_build(result)
         hit = all(r.hit for r in results)
         log.info(f"{'hit: reusing' if hit else 'built'} {views} augmented views of the training maps")
         self.add_phase("cache", time.perf_counter() - began)

@@ -126,7 +126,8 @@ class CachedFeatureDataModule(_EvaluateOnce):
         if self.sets:
             return
         self.caches = self.load_caches()
-        self.sets = {s: self.make_dataset(self.caches[s].split) for s in SPLITS}
+        made_here = [s for s in SPLITS if s != "train" or self.make_train is None]
+        self.sets = {s: self.make_dataset(self.caches[s].split) for s in made_here}
         if self.make_train is not None:
             self.sets["train"] = self.make_train()
 
