@@ -144,6 +144,11 @@ def test_notebook_runs_headless_and_make_analyze_writes_figures(tmp_path):
         "data.shots_per_class=10",
         "analysis.tsne=false",
         "analysis.rf_input_size=128",
+        # every section runs; activation maximisation at a few steps (its own behaviour: tests/test_visualise.py)
+        "analysis.max_levels=[level2,level4]",
+        "analysis.max_channels=2",
+        "analysis.max_size=32",
+        "analysis.max_steps=4",
     ]
     result = run_analysis(compose_config(overrides, name="analyze"), tmp_path / "analysis")
     written = {p.name for p in (tmp_path / "analysis").iterdir()}

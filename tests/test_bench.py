@@ -38,6 +38,7 @@ def bench(tmp_path_factory):
         "bench.fast_path.image_size=64",  # the fast-path rows at a test's size (make bench: the backbone's 224 px)
         "bench.fast_path.train_steps=1",
         "bench.fast_path.train_batch_size=8",
+        "bench.partial_views.ks=[]",  # 2 x 3 partial runs at 224 px: make bench's figure, too slow for a test
     ]
     return out, args
 
@@ -73,6 +74,8 @@ def test_bench_writes_every_figure_and_prints_its_path_last(bench, capsys):
         assert any(line.startswith("  nhwc_fp32: forward") for line in printed)
     else:
         assert "not a folder" in fast["skipped"]
+    assert result["partial_views"] == {"skipped": "bench.partial_views.ks or .seeds is empty"}
+    assert "partial on cached views: not measured (bench.partial_views.ks or .seeds is empty)" in printed
     assert result["extract_predecoded_images_per_s"] == t["predecoded"]["extract_images_per_s"] > 0
     assert result["resident_over_dataloader"] == pytest.approx(
         t["head"]["dataloader_seconds_per_epoch"] / t["head"]["resident_seconds_per_epoch"], rel=0.01

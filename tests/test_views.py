@@ -73,3 +73,8 @@ def test_partial_on_cached_views_reads_no_image_once_they_are_built(tmp_path, co
     second = run_regime(compose_config([*overrides, "seed=1"]), tmp_path / "seed1")
     assert count_image_reads == [], "another seed trains on the same cached views"
     assert second["epochs"] >= 2
+    # The regime's own augmentation over data.augment: other views, in entries of their own.
+    lighter = run_regime(compose_config([*overrides, "regime.augment.scale=[0.5,1.0]"]), tmp_path / "lighter")
+    assert count_image_reads and lighter["regime_config"]["augment"]["scale"] == [0.5, 1.0]
+    manifests = [p.read_text() for p in (tmp_path / "data" / "cache").glob("*/train-*/manifest.json")]
+    assert sum("SeededView(view=" in m for m in manifests) == 4 and sum("0.5, 1.0" in m for m in manifests) == 2

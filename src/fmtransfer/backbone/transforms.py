@@ -36,19 +36,18 @@ def build_eval_transform(data_config: dict) -> Callable[[Image.Image], torch.Ten
 AUGMENT_KEYS = ("scale", "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "re_prob")
 
 
-def augment_settings(augment: Mapping | None) -> dict:
-    """``data.augment`` checked and made plain (tuples for ranges): what ``build_train_transform`` is given."""
+def augment_settings(augment: Mapping | None, option: str = "data.augment") -> dict:
+    """``data.augment`` (or the ``option`` named) checked and made plain (tuples for ranges): what
+    ``build_train_transform`` is given."""
     settings = dict(augment or {})
     unknown = sorted(set(settings) - set(AUGMENT_KEYS))
     if unknown:
-        raise ConfigError(
-            f"data.augment has unknown keys {unknown}; timm's training transform takes {list(AUGMENT_KEYS)}."
-        )
+        raise ConfigError(f"{option} has unknown keys {unknown}; timm's training transform takes {list(AUGMENT_KEYS)}.")
     for key in ("scale", "ratio"):
         if settings.get(key) is not None:
             lo, hi = (float(v) for v in settings[key])
             if not 0 < lo <= hi:
-                raise ConfigError(f"data.augment.{key}={[lo, hi]} must be a range 0 < low <= high.")
+                raise ConfigError(f"{option}.{key}={[lo, hi]} must be a range 0 < low <= high.")
             settings[key] = (lo, hi)
     return settings
 

@@ -1,4 +1,4 @@
-"""``make bench``: the five figures of docs/benchmarks.md, each a ratio of two timings measured in this run."""
+"""``make bench``: the figures of docs/benchmarks.md, each a ratio of two timings measured in this run."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from fmtransfer.bench.measure import (
     predecoded_loader,
     read_and_memcpy_gbps,
 )
+from fmtransfer.bench.partial_views import partial_views_figures, partial_views_lines
 from fmtransfer.cache import CacheSpec
 from fmtransfer.regimes import for_run_dir, run_regime, start_run, with_regime
 from fmtransfer.regimes.context import as_level_spec
@@ -157,6 +158,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
 
     # 6. The CPU fast path on a photo dataset's JPEGs at the backbone's own size.
     fast_path = cpu_fast_path(cfg, out_dir, cache_dir, device)
+    # 7. partial on cached augmented views vs its prefix run live, at a photo dataset's own size, over seeds.
+    views = partial_views_figures(cfg, out_dir, cache_dir, model, list(ctx.spec.levels))
+    views_figures = {f"partial_views_cached_over_live_k{k}": f for k, f in views.get("by_k", {}).items()}
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     speedup = live["train_seconds"] / cached_seconds
@@ -173,12 +177,15 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         "extract_nhwc_over_nchw": round(layouts["nhwc"] / layouts["nchw"], 3),
         "resident_over_dataloader": round(through_loader["seconds_per_epoch"] / cached["seconds_per_epoch"], 3),
         "cpu_fast_path": fast_path,
+        "partial_views": views,
+        **{key: f["ratio"] for key, f in views_figures.items()},
         "targets": {
             "extract_over_forward": 0.9,
             "extract_over_forward_predecoded": 0.9,
             f"cached_head_speedup_e{b.epochs}": round(0.8 * b.epochs, 2),
             "partial_cached_over_live": round(0.8 * flops["flop_ratio"], 3),
             "read_over_memcpy": 0.5,
+            **{key: f["target"] for key, f in views_figures.items()},
             **h100_targets(device_name, ctx.spec.name, image_size),
         },
         "timings": {
@@ -255,6 +262,7 @@ def bench_table(result: dict) -> str:
         "bytes per image: "
         + "; ".join(f"{k} {sum(v.values()):,} (all levels)" for k, v in result["bytes_per_image"].items()),
         *fast_path_lines(result.get("cpu_fast_path", {})),
+        *partial_views_lines(result.get("partial_views", {})),
         f"device: {result['device']}",
     ]
     return "\n".join(lines)

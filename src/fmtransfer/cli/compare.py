@@ -18,7 +18,7 @@ from fmtransfer.errors import FmtransferError
 from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.report.selection import sweep_without, user_keys
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # not __name__: "__main__" under python -m, outside fmtransfer's logger
 
 
 def resolve_preset(overrides: list[str]) -> DictConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 from fmtransfer.cli.common import configure_logging
 from fmtransfer.cli.config import config_dir
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # not __name__: "__main__" under python -m, outside fmtransfer's logger
 
 NOTEBOOK = config_dir().parent / "notebooks" / "feature_maps.ipynb"
 

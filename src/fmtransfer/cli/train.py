@@ -14,7 +14,7 @@ from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.cli.config import config_dir
 from fmtransfer.errors import FmtransferError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # not __name__: "__main__" under python -m, outside fmtransfer's logger
 
 
 def resume_target(path: str) -> tuple[Path, DictConfig]:

@@ -37,6 +37,11 @@ TINY_OVERRIDES = {
         "bench.repeats=1",
         "bench.partial_epochs=1",
         "bench.fast_path.data=none",
+        "bench.partial_views.ks=[1]",
+        "bench.partial_views.epochs=1",
+        "bench.partial_views.data.image_size=32",
+        "bench.partial_views.data.shots_per_class=4",
+        "regimes.partial.views=2",
     ],
     **{
         name: [

@@ -86,9 +86,12 @@ class RunContext:
 
     @property
     def train_augment(self) -> dict:
-        """The training images' augmentation (``data.augment``, checked): every regime that trains on images, or on
-        cached views of them, uses it."""
-        return augment_settings(OmegaConf.to_container(self.cfg.data.get("augment") or {}, resolve=True))
+        """The training images' augmentation, checked: ``data.augment`` with the run's regime's own ``augment``
+        settings (those not null) over it. Every regime that trains on images, or on cached views of them, uses it."""
+        shared = OmegaConf.to_container(self.cfg.data.get("augment") or {}, resolve=True)
+        own = OmegaConf.to_container(self.cfg.get("regime", {}).get("augment") or {}, resolve=True)
+        own = {key: value for key, value in own.items() if value is not None}  # null: data.augment's
+        return {**augment_settings(shared), **augment_settings(own, "regime.augment")}
 
     def lazy_extractor(self, cache_spec: CacheSpec) -> Callable[[], FeatureMapExtractor]:
         """A builder of the backbone's extractor for ``cache_spec``'s levels that builds it on its first call only

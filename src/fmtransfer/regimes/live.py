@@ -39,6 +39,7 @@ class BackboneTraining:
     layer_decay: float | None  # timm's layer-wise LR decay for a whole timm backbone (None: one backbone LR)
     drop_path_rate: float  # stochastic depth in the trainable backbone, where the model has it
     label_smoothing: float
+    augment: dict  # this regime's training images: each setting not None replaces data.augment's
 
     def settings(self) -> dict:
         """The regime's settings, as ``metrics.json`` records them."""
