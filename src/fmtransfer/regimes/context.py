@@ -70,6 +70,11 @@ class RunContext:
         """Training on the whole labelled pool for a number of epochs chosen by cross-validation: no validation."""
         return bool(self.cfg.data.get("cv") and self.cfg.data.cv.refit)
 
+    @property
+    def keeps_start(self) -> bool:
+        """A refit for the 0 epochs cross-validation chose: the run is its start and trains on nothing."""
+        return self.refit and self.cfg.data.cv.get("epochs") == 0
+
     def planned_epochs(self, num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
         """The epochs to train: chosen by cross-validation when refitting (``data.cv.epochs``), else ``epochs``
         raised to ``min_steps``."""

@@ -56,6 +56,7 @@ class PartialRegime(BackboneTraining):
         head = pre_logits_head(ctx, probe_init=self.lp_init, regime=self.name)
         model, _ = ctx.spec.create(drop_path_rate=self.drop_path_rate)
         suffix = build_suffix(model, level).requires_grad_(True)
+        views: list[CacheResult] = []  # the cached augmented views this run trains on, if any
         if self.live_prefix:
             prefix = LivePrefix(FeatureMapExtractor(copy.deepcopy(model), [level]), level.name)
             features = nn.Sequential(prefix, PreLogitsOf(suffix))
@@ -64,7 +65,8 @@ class PartialRegime(BackboneTraining):
         else:
             features = PreLogitsOf(suffix)
             spec = ctx.cache_spec([level], pool="none")
-            views: list[CacheResult] = []
+            # A run that keeps its start trains on nothing: V views would cost V prefix passes for no step.
+            use_views = self.views > 0 and not ctx.keeps_start
 
             def train_views() -> AugmentedViewsDataset:
                 views.extend(ctx.cache_train_views(spec, self.views, self.view_seed))
@@ -77,7 +79,7 @@ class PartialRegime(BackboneTraining):
                 ctx.tools.placement,
                 ctx.seed,
                 drop_last_train=True,
-                make_train=train_views if self.views > 0 else None,
+                make_train=train_views if use_views else None,
             )
             datamodule.setup("fit")  # extract (or find) the prefix output before training is timed
             extract_seconds = sum(c.extract_seconds for c in [*datamodule.caches.values(), *views])
@@ -86,6 +88,6 @@ class PartialRegime(BackboneTraining):
             "split_level": level.name,
             "split_module": level.module,
             "prefix_extract_seconds": extract_seconds,
-            "training_maps": "live" if self.live_prefix else f"{self.views} cached views" if self.views else "cached",
+            "training_maps": "live" if self.live_prefix else f"{len(views)} cached views" if views else "cached",
         }
         return ctx.metrics(self.name, results, regime_config=self.settings(), partial=split)
