@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,6 +27,15 @@ from fmtransfer.cache import (
 from fmtransfer.data import ImageClassificationDataset
 from fmtransfer.regimes import HeadSettings, RunContext, fit_head
 from fmtransfer.training import ImageDataModule, InPrecision
+
+
+def run_config(cfg: DictConfig, cache_dir: Path, **overrides) -> DictConfig:
+    """``cfg`` with the bench's cold cache dir and the given dotted overrides."""
+    run = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # each run resolves its own dirs
+    run.cache.dir = str(cache_dir)
+    for key, value in overrides.items():
+        OmegaConf.update(run, key, value, force_add=True)
+    return run
 
 
 def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fmtransfer.backbone import split_level
-from fmtransfer.bench.measure import partial_flop_ratio
+from fmtransfer.bench.measure import partial_flop_ratio, run_config
 from fmtransfer.regimes import run_regime, with_regime
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,9 @@ MODES = {"cached_views": False, "live": True}  # mode -> regimes.partial.live_pr
 def views_config(cfg: DictConfig, cache_dir: Path, k: int, seed: int, live_prefix: bool) -> DictConfig:
     """The bench's config for one partial run: ``bench.partial_views.data`` over ``data``, the sizes below."""
     pv = cfg.bench.partial_views
-    run = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    run.data = OmegaConf.merge(run.data, pv.data)
-    run.cache.dir = str(cache_dir)
-    run.seed = seed
     settings = {"k": k, "epochs": pv.epochs, "min_steps": 0, "live_prefix": live_prefix}
-    run.regimes.partial = OmegaConf.merge(run.regimes.partial, settings)
+    run = run_config(cfg, cache_dir, seed=seed, **{f"regimes.partial.{key}": v for key, v in settings.items()})
+    run.data = OmegaConf.merge(run.data, pv.data)
     return with_regime(run, "partial")
 
 

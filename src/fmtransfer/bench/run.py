@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fmtransfer.backbone import FeatureMapExtractor, parse_levels, split_level, to_channels_last
 from fmtransfer.bench.fast_path import fast_path_figures
@@ -25,6 +25,7 @@ from fmtransfer.bench.measure import (
     predecoded_extraction_images_per_second,
     predecoded_loader,
     read_and_memcpy_gbps,
+    run_config,
 )
 from fmtransfer.bench.partial_views import partial_views_figures, partial_views_lines
 from fmtransfer.cache import CacheSpec
@@ -41,15 +42,6 @@ def h100_targets(device_name: str, backbone: str, image_size: tuple[int, ...]) -
     if "H100" in device_name and backbone == "tf_efficientnet_lite0" and image_size[-1] == 224:
         return {"extract_predecoded_images_per_s": 5000}
     return {}
-
-
-def run_config(cfg: DictConfig, cache_dir: Path, **overrides) -> DictConfig:
-    """``cfg`` with the bench's cold cache dir and the given dotted overrides."""
-    run = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # each run resolves its own dirs
-    run.cache.dir = str(cache_dir)
-    for key, value in overrides.items():
-        OmegaConf.update(run, key, value, force_add=True)
-    return run
 
 
 def start_context(cfg: DictConfig, run_dir: Path):
