@@ -34,8 +34,9 @@ TINY = [
     "regimes.finetune.min_steps=2",
     "regimes.scratch.min_steps=2",
     "trainer.progress_bar=false",
-    # Selection: 2 folds of the k shots per regime, one frozen candidate (test_selection covers sweeps).
-    "compare.sweep.frozen=[['head.name=multilayer']]",
+    # Selection: 2 folds of the k shots per regime, one frozen candidate (test_selection covers sweeps): Head2Toe's
+    # selection head, whose kept features the report tables.
+    "compare.sweep.frozen=[['head.name=selective']]",
     "compare.selection.folds=2",
 ]
 FOLD_RUNS = 2 * 4 * 2  # shots settings x regimes x folds
@@ -105,6 +106,10 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
         kept = sum(r["selected"].startswith("initial") for r in regime_runs)
         assert by[shots]["kept_start"] == kept and cells[-1] == f"{kept}/2"
     assert results["verdict"]["winner"] in md.split("## Setup")[0]
+    kept = next(r for r in runs if r["regime"] == "frozen" and r["shots_per_class"] == shots)["head"]["kept"]
+    table = md.split(f"## Features the selective head kept ({shots} shots, final runs)")[1].split("\n## ")[0]
+    for group, count in kept.items():
+        assert f"| {group} | {count['features']} of {count['of']} |" in table
     # results.json contract: selection per run; verdict comparisons as a list with paired intervals.
     for r in runs:
         sel = r["selection"]
@@ -331,9 +336,10 @@ def test_an_experiments_cpu_preset_keeps_the_cpu_selection():
         cfg = resolve_preset([f"experiment={experiment}", "compare.preset=cpu"])
         assert cfg.compare.selection.folds == 3 and "folds" not in cfg.compare, "one fold count for every regime"
         assert all(len(cfg.compare.sweep[r]) == 1 for r in ("partial", "finetune", "scratch")), experiment
-        assert len(cfg.compare.sweep.frozen) == 2
+        assert len(cfg.compare.sweep.frozen) == 5, "frozen keeps its sweep: linear, multilayer, 3 selective"
     full = resolve_preset(["experiment=uiuc_texture", "compare.preset=full"])
-    assert all(len(full.compare.sweep[r]) == 2 for r in ("frozen", "partial", "finetune", "scratch"))
+    assert all(len(full.compare.sweep[r]) == 2 for r in ("partial", "finetune", "scratch"))
+    assert len(full.compare.sweep.frozen) == 5
 
 
 def test_a_users_override_wins_over_the_sweep_and_is_listed():
@@ -343,6 +349,6 @@ def test_a_users_override_wins_over_the_sweep_and_is_listed():
     assert cfg.regimes.partial.k == 2
     assert [list(c) for c in cfg.compare.sweep.partial] == [[]], "both k candidates collapse to the user's k"
     assert all(not any(str(o).startswith("head.lr=") for o in c) for c in cfg.compare.sweep.frozen)
-    assert len(cfg.compare.sweep.frozen) == 2 and len(cfg.compare.sweep.finetune) == 2
+    assert len(cfg.compare.sweep.frozen) == 5 and len(cfg.compare.sweep.finetune) == 2
     assert list(cfg.compare.user_overrides) == ["regimes.partial.k=2", "head.lr=0.05"]
     assert list(resolve_preset(["experiment=hymenoptera"]).compare.user_overrides) == []

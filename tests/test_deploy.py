@@ -31,8 +31,9 @@ def _last_line(capsys, prefix: str) -> Path:
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
-    """A frozen multilayer run on a real-digits ImageFolder (train/validation/test), 40 px: its 20x20 and 10x10
-    maps pooled to the cache's 8x8 do not divide evenly (what the exported graph must reproduce)."""
+    """A frozen selective (Head2Toe) run on a real-digits ImageFolder (train/validation/test), 40 px: its 20x20 and
+    10x10 maps pooled to the cache's 8x8, and its 5x5 and 3x3 maps to the head's 2x2 grids, do not divide evenly
+    (what the exported graph must reproduce)."""
     tmp = tmp_path_factory.mktemp("deploy")
     data = write_image_folder(tmp / "digits", {"train": 8, "val": 4, "test": 4})
     cfg = compose_config(
@@ -41,7 +42,7 @@ def folder_run(tmp_path_factory):
             f"paths.data_dir={tmp / 'data'}",
             f"paths.log_dir={tmp / 'logs'}",
             "data.image_size=40",
-            "head=multilayer",
+            "head=selective",
             "head.epochs=5",
             "trainer.progress_bar=false",
         ]

@@ -54,3 +54,78 @@ def test_unknown_head_and_bad_options_are_config_errors():
         build_head("nope", {"x": 3}, 2)
     with pytest.raises(ConfigError, match="bad head options"):
         build_head("linear", {"x": 3}, 2, hidden=5)
+
+
+def test_grid_pooling_is_adaptive_average_pooling_and_skips_grids_finer_than_the_map():
+    import torch.nn.functional as F
+
+    from fmtransfer.heads import grid_features, grid_pool
+
+    x = torch.randn(2, 3, 7, 5)
+    for grid in (1, 2, 3, 5):
+        assert torch.allclose(grid_pool(x, grid), F.adaptive_avg_pool2d(x, grid).flatten(1), atol=1e-6), grid
+    out = grid_features({"level3": x, "level4": torch.randn(2, 4, 1, 1), "pre_logits": torch.randn(2, 6)}, [1, 2])
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "level3": (2, 3),
+        "level3@2x2": (2, 12),
+        "level4": (2, 4),  # a 1x1 map has no 2x2 grid
+        "pre_logits": (2, 6),  # a vector has no grid
+    }
+
+
+def _signal_in_one_level(n: int = 300, seed: int = 0):
+    """Three levels of standard normal features; only ``mid``'s first 8 features shift with the class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    feats = {name: torch.randn(n, dim, generator=g) for name, dim in (("low", 40), ("mid", 8), ("high", 72))}
+    feats["mid"] += torch.nn.functional.one_hot(labels, 4).repeat(1, 2).float()
+    return feats, labels
+
+
+def test_selective_head_keeps_exactly_its_fraction_and_reads_only_those_features():
+    feats, labels = _signal_in_one_level()
+    head = build_head("selective", {k: v.shape[1] for k, v in feats.items()}, 4, fraction=0.25)
+    head.normalizer.fit(feats)
+    head.select(feats, labels)
+    assert head.kept.numel() == 30 == head.classifier.in_features  # round(0.25 * 120)
+    assert head.kept.unique().numel() == 30
+    kept = set(head.kept.tolist())
+    dropped = [i for i in range(120) if i not in kept]
+    x = {k: v[:10].clone() for k, v in feats.items()}
+    before = head(x)
+    flat = torch.cat(list(x.values()), dim=1)
+    flat[:, dropped] += 100.0  # what the head did not keep cannot change its logits
+    split = dict(zip(x, flat.split([40, 8, 72], dim=1), strict=True))
+    assert torch.equal(head(split), before)
+    flat[:, sorted(kept)[0]] += 100.0
+    assert not torch.allclose(head(dict(zip(x, flat.split([40, 8, 72], dim=1), strict=True))), before)
+
+
+def test_selection_keeps_the_level_that_carries_the_signal():
+    feats, labels = _signal_in_one_level()
+    head = build_head("selective", {k: v.shape[1] for k, v in feats.items()}, 4, fraction=8 / 120)
+    head.normalizer.fit(feats)
+    head.select(feats, labels)
+    assert head.kept_groups() == {"mid": {"features": 8, "of": 8, "cells": [8]}}
+
+
+def test_group_lasso_fit_meets_its_optimality_conditions():
+    """KKT of ``mean CE + lam * sum_j ||W_j||``: a kept feature's gradient is ``-lam W_j / ||W_j||``, a zeroed
+    feature's gradient norm is at most ``lam``; the bias's gradient is 0."""
+    import torch.nn.functional as F
+
+    from fmtransfer.heads.selection import group_lasso_logistic, lambda_max
+
+    feats, labels = _signal_in_one_level(n=200, seed=1)
+    x = torch.cat(list(feats.values()), dim=1).double()
+    lam = 0.2 * lambda_max(x, labels, 4)
+    weight, bias = group_lasso_logistic(x, labels, 4, lam, iterations=3000)
+    w = weight.clone().requires_grad_(True)
+    b = bias.clone().requires_grad_(True)
+    F.cross_entropy(x @ w.T + b, labels).backward()
+    norms = weight.norm(dim=0)
+    on = norms > 0
+    assert 0 < on.sum() < x.shape[1]
+    assert torch.allclose(w.grad[:, on], -lam * weight[:, on] / norms[on], atol=1e-4)
+    assert (w.grad[:, ~on].norm(dim=0) <= lam * (1 + 1e-6)).all()
+    assert b.grad.abs().max() < 1e-6

@@ -163,6 +163,13 @@ def test_a_tiny_validation_split_misleads_and_cross_validation_does_not(tmp_path
     with np.load(cv.oof) as oof:  # the chosen candidate's pooled out-of-fold predictions, every pooled image once
         assert sorted(oof["rows"].tolist()) == list(range(1438))
         assert np.mean(oof["probs"].argmax(1) == oof["labels"]) == pytest.approx(a)
+    # Each candidate against the chosen one on the same pooled images: the difference and its paired SE.
+    with np.load(cv.candidates[0]["oof"]) as za, np.load(cv.candidates[1]["oof"]) as zb:
+        assert np.array_equal(za["rows"], zb["rows"])
+        d = (zb["probs"].argmax(1) == zb["labels"]).astype(float) - (za["probs"].argmax(1) == za["labels"])
+    assert cv.candidates[0]["vs_chosen"] == {"diff": 0.0, "se": 0.0}
+    assert cv.candidates[1]["vs_chosen"]["diff"] == pytest.approx(b - a, abs=1e-6)
+    assert cv.candidates[1]["vs_chosen"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)), abs=1e-6)
 
 
 def test_a_sweep_override_of_an_unknown_setting_is_a_config_error():

@@ -69,15 +69,17 @@ def test_cli_bad_input_is_one_clear_line_not_a_traceback(tmp_path, tiny_override
 # The CLI turns these errors into that line and status 2 (above); in-process here, a fresh interpreter per case costs
 # ~13 s of imports on 2 cores.
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
-        ("cache.levels=[level9]", "feature level 'level9' is not known"),
-        ("backbone.name=tf_efficientnet_lite", "Did you mean"),
-        ("data.shots_per_class=1000", "data.shots_per_class=1000"),
+        (["cache.levels=[level9]"], "feature level 'level9' is not known"),
+        (["backbone.name=tf_efficientnet_lite"], "Did you mean"),
+        (["data.shots_per_class=1000"], "data.shots_per_class=1000"),
+        # The grids Head2Toe's head reads cannot come from a cache of globally pooled vectors: no re-extraction.
+        (["head=selective", "cache.pool=global"], "cache.pool=global keeps one vector per level: set cache.pool=avg"),
     ],
 )
-def test_bad_input_names_the_option_and_exits_2(tmp_path, tiny_overrides, capsys, override, message):
+def test_bad_input_names_the_option_and_exits_2(tmp_path, tiny_overrides, capsys, overrides, message):
     with pytest.raises(SystemExit) as stop, user_errors():
-        run_regime(compose_config([*tiny_overrides, override]), tmp_path / "bad")
+        run_regime(compose_config([*tiny_overrides, *overrides]), tmp_path / "bad")
     assert stop.value.code == 2
     assert message in capsys.readouterr().err

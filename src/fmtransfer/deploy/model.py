@@ -2,8 +2,8 @@
 weights loaded strictly (a key or shape that does not match is an error, never a silently random layer).
 
 For the frozen regime and partial's cached prefix the module reproduces what training read from the cache: maps
-averaged down to the cache's size and stored at its dtype, then (for heads) globally averaged; the head's feature
-normalisation is part of the head.
+averaged down to the cache's size and stored at its dtype, then (for heads) globally averaged or pooled to the
+head's grids; the head's feature normalisation is part of the head.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fmtransfer.backbone import (
 )
 from fmtransfer.cache import pool_map
 from fmtransfer.deploy.rundir import FinishedRun, RunDirError
-from fmtransfer.heads import LinearProbeHead, build_head
+from fmtransfer.heads import GridPooling, LinearProbeHead, build_head, input_grids
 from fmtransfer.regimes.live import PreLogitsOf
 from fmtransfer.training import in_precision
 
@@ -103,9 +103,14 @@ def head_levels(run: FinishedRun) -> list[LevelInfo]:
     return parse_levels(list(run.metrics["head"]["levels"]), run.spec.levels)
 
 
+def head_grids(run: FinishedRun) -> tuple[int, ...]:
+    """The grids a frozen run's head read each level at (``heads.grids``; (1,): global averages)."""
+    return tuple(run.metrics["head"].get("grids") or input_grids(run.cfg.head.name, run.cfg.head.options))
+
+
 def frozen_head(run: FinishedRun, state: dict | None = None) -> nn.Module:
-    """A frozen run's trained head (pooled level vectors -> logits), eval mode."""
-    dims = {lv.name: lv.channels for lv in head_levels(run)}
+    """A frozen run's trained head (pooled level vectors, or grid features -> logits), eval mode."""
+    dims = run.metrics["head"].get("inputs") or {lv.name: lv.channels for lv in head_levels(run)}
     head = build_head(run.cfg.head.name, dims, len(run.class_names), **dict(run.cfg.head.options))
     _load(head, _trained(run.state_dict() if state is None else state, "head"), run)
     return head.eval()
@@ -114,7 +119,11 @@ def frozen_head(run: FinishedRun, state: dict | None = None) -> nn.Module:
 def frozen_model(run: FinishedRun, state: dict) -> ImageClassifier:
     cache_cfg = run.cfg.cache
     extractor = FeatureMapExtractor(run.spec.create()[0], head_levels(run))
-    features = CachedLevels(extractor, cache_cfg.pool, cache_cfg.pool_size, cache_cfg.dtype, global_mean=True)
+    grids = head_grids(run)
+    global_mean = grids == (1,)
+    features: nn.Module = CachedLevels(extractor, cache_cfg.pool, cache_cfg.pool_size, cache_cfg.dtype, global_mean)
+    if not global_mean:
+        features = nn.Sequential(features, GridPooling(grids))
     return ImageClassifier(features, frozen_head(run, state))
 
 

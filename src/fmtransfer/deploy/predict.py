@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from fmtransfer.backbone import FeatureMapExtractor, build_eval_transform
 from fmtransfer.cache import CacheSpec, FeatureCache, ensure_feature_cache
 from fmtransfer.data import ImageClassificationDataset, load_image_dataset
-from fmtransfer.deploy.model import build_classifier, frozen_head, head_levels
+from fmtransfer.deploy.model import build_classifier, frozen_head, head_grids, head_levels
 from fmtransfer.deploy.rundir import FinishedRun
 from fmtransfer.errors import DataError
 from fmtransfer.heads import PooledFeatureDataset
@@ -103,7 +103,7 @@ def frozen_probabilities(run: FinishedRun, images: Dataset, batch_size: int, num
         channels_last=run.channels_last,
     )
     log.info(f"{'hit: reusing' if result.hit else 'extracted'} {result.split.path}")
-    pooled = PooledFeatureDataset.from_cache(result.split, [lv.name for lv in levels])
+    pooled = PooledFeatureDataset.from_cache(result.split, [lv.name for lv in levels], head_grids(run))
     with torch.no_grad(), in_precision(run.precision["training"], "cpu"):
         return frozen_head(run)(pooled.features).float().softmax(-1)
 

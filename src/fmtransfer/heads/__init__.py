@@ -10,13 +10,16 @@ from fmtransfer.heads.data import (
     pooled_level,
 )
 from fmtransfer.heads.fit import fit_probe_in_place, fit_regularised_probe
+from fmtransfer.heads.grids import GridPooling, grid_features, grid_pool
 from fmtransfer.heads.heads import (
     HEADS,
     FeatureNormalizer,
     LinearProbeHead,
     MLPHead,
     MultiLayerHead,
+    SelectiveHead,
     build_head,
+    input_grids,
 )
 from fmtransfer.heads.module import HeadClassifier
 
@@ -25,6 +28,7 @@ __all__ = [
     "AugmentedViewsDataset",
     "CachedMapDataset",
     "FeatureNormalizer",
+    "GridPooling",
     "HeadClassifier",
     "InMemoryDataset",
     "LinearProbeHead",
@@ -32,9 +36,13 @@ __all__ = [
     "MultiLayerHead",
     "PooledFeatureDataset",
     "ResidentBatches",
+    "SelectiveHead",
     "build_head",
     "feature_loader",
     "fit_probe_in_place",
     "fit_regularised_probe",
+    "grid_features",
+    "grid_pool",
+    "input_grids",
     "pooled_level",
 ]

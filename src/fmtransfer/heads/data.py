@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fmtransfer.cache import CachedSplit
+from fmtransfer.heads.grids import grid_features
 
 POOL_CHUNK = 4096
 
@@ -30,6 +31,17 @@ def pooled_level(split: CachedSplit, level: str) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def pooled_grids(split: CachedSplit, level: str, grids: Sequence[int]) -> dict[str, torch.Tensor]:
+    """One level pooled to each of its ``grids`` (``heads.grids``), in chunks (bounded memory)."""
+    arr = split.level(level)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, max(len(arr), 1), POOL_CHUNK):  # an empty split still gets its (empty) groups
+        chunk = torch.from_numpy(np.asarray(arr[start : start + POOL_CHUNK], dtype=np.float32))
+        for name, x in grid_features({level: chunk}, grids).items():
+            parts.setdefault(name, []).append(x)
+    return {name: torch.cat(xs) for name, xs in parts.items()}
+
+
 class PooledFeatureDataset(Dataset):
     """Pooled features of chosen levels and labels, all in memory; ``__getitems__`` returns whole batches."""
 
@@ -38,8 +50,12 @@ class PooledFeatureDataset(Dataset):
         self.labels = labels
 
     @classmethod
-    def from_cache(cls, split: CachedSplit, levels: Sequence[str]) -> PooledFeatureDataset:
-        feats = {name: pooled_level(split, name) for name in levels}
+    def from_cache(cls, split: CachedSplit, levels: Sequence[str], grids: Sequence[int] = (1,)) -> PooledFeatureDataset:
+        """``levels`` globally pooled (``grids=(1,)``), or pooled to each of ``grids`` (keys: ``heads.grids``)."""
+        if tuple(grids) == (1,):
+            feats = {name: pooled_level(split, name) for name in levels}
+        else:
+            feats = {k: v for name in levels for k, v in pooled_grids(split, name, grids).items()}
         return cls(feats, torch.from_numpy(split.labels()))
 
     @property

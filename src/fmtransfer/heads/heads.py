@@ -1,14 +1,17 @@
-"""Small classification heads on globally pooled feature maps, described by a registry."""
+"""Small classification heads on pooled feature maps, described by a registry."""
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fmtransfer.errors import ConfigError
+from fmtransfer.heads.grids import parse_group
+from fmtransfer.heads.selection import kept_count, select_features
 
 
 class FeatureNormalizer(nn.Module):
@@ -44,11 +47,15 @@ class FeatureNormalizer(nn.Module):
             getattr(self, f"std_{name}").copy_(shrunk.sqrt().clamp_min(1e-3))
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for name in self.levels:
-            z = (features[name].float() - getattr(self, f"mean_{name}")) / getattr(self, f"std_{name}")
-            parts.append(z / math.sqrt(z.shape[1]) if self.balance else z)
-        return torch.cat(parts, dim=1)
+        return torch.cat([self._level(features, name) for name in self.levels], dim=1)
+
+    def standardise(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The levels z-scored and concatenated, without the per-level balance."""
+        return torch.cat([self._level(features, name, balance=False) for name in self.levels], dim=1)
+
+    def _level(self, features: Mapping[str, torch.Tensor], name: str, balance: bool = True) -> torch.Tensor:
+        z = (features[name].float() - getattr(self, f"mean_{name}")) / getattr(self, f"std_{name}")
+        return z / math.sqrt(z.shape[1]) if self.balance and balance else z
 
     @property
     def out_features(self) -> int:
@@ -75,6 +82,67 @@ class MultiLayerHead(LinearProbeHead):
         super().__init__(dims, num_classes, dropout, balance_levels=True)
 
 
+class SelectiveHead(nn.Module):
+    """Head2Toe's head: grid-pooled features of every level (``heads.grids``), each group standardised and balanced,
+    a ``fraction`` of the features kept by a group-lasso fit (``heads.selection``, ``penalty`` a fraction of
+    ``lambda_max``), then a linear layer on the kept features only.
+
+    ``select`` chooses the features from training features and labels; until it runs the first ones are kept. The
+    kept indices are a buffer, so a checkpoint carries them.
+    """
+
+    def __init__(
+        self,
+        dims: Mapping[str, int],
+        num_classes: int,
+        fraction: float = 0.1,
+        penalty: float = 0.1,
+        dropout: float = 0.0,
+        grids: Sequence[int] = (1, 2),
+    ):
+        super().__init__()
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"head.options.fraction={fraction} must be in (0, 1]: the share of features kept.")
+        if not 0 <= penalty < 1:
+            raise ConfigError(f"head.options.penalty={penalty} must be in [0, 1): a fraction of lambda_max.")
+        self.fraction, self.penalty, self.grids = float(fraction), float(penalty), [int(g) for g in grids]
+        self.normalizer = FeatureNormalizer(dims, balance_levels=True)
+        kept = kept_count(self.normalizer.out_features, self.fraction)
+        self.register_buffer("kept", torch.arange(kept))
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(kept, num_classes)
+
+    @torch.no_grad()
+    def select(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Keep the features a group-lasso fit on the standardised training features ranks first (the normaliser is
+        fitted first). Every feature is z-scored for the fit, so the penalty charges each the same for the same
+        standardised effect, whatever its level's width."""
+        x = self.normalizer.standardise(features)
+        chosen = select_features(x, labels, self.classifier.out_features, self.fraction, self.penalty)
+        self.kept.copy_(chosen.to(self.kept))
+
+    def kept_groups(self) -> dict[str, dict]:
+        """Per input group the kept features: ``{group: {"features": n, "of": group size, "cells": per-cell counts}}``
+        (cells in row-major order of the group's grid; features are laid out ``[C, g, g]``)."""
+        out, start = {}, 0
+        kept = self.kept.tolist()
+        for name in self.normalizer.levels:
+            size = getattr(self.normalizer, f"mean_{name}").numel()
+            inside = [i - start for i in kept if start <= i < start + size]
+            if inside:
+                cells = parse_group(name)[1] ** 2
+                out[name] = {
+                    "features": len(inside),
+                    "of": size,
+                    "cells": [sum(i % cells == c for i in inside) for c in range(cells)],
+                }
+            start += size
+        return out
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.dropout(self.normalizer(features).index_select(1, self.kept)))
+
+
 class MLPHead(nn.Module):
     """Standardised pooled features -> hidden layer (GELU, dropout) -> classes."""
 
@@ -96,7 +164,22 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "linear": LinearProbeHead,
     "mlp": MLPHead,
     "multilayer": MultiLayerHead,
+    "selective": SelectiveHead,
 }
+
+
+def input_grids(name: str, options: Mapping) -> tuple[int, ...]:
+    """The spatial grids a registered head reads each level at (``heads.grids``): its ``grids`` option (or that
+    option's default) where it takes one, else ``(1,)``, the global average."""
+    if name not in HEADS:
+        raise ConfigError(f"head.name={name} is not known; choose one of {sorted(HEADS)}.")
+    parameter = inspect.signature(HEADS[name]).parameters.get("grids")
+    if parameter is None:
+        return (1,)
+    grids = tuple(int(g) for g in options.get("grids", parameter.default))
+    if not grids or min(grids) < 1:
+        raise ConfigError(f"head.options.grids={list(grids)} must be a non-empty list of grid sizes >= 1, e.g. [1, 2].")
+    return grids
 
 
 def build_head(name: str, dims: Mapping[str, int], num_classes: int, **kwargs) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from torch import nn
 
 from fmtransfer.backbone import LevelInfo, parse_levels
 from fmtransfer.cache import CacheResult
-from fmtransfer.heads import HeadClassifier, PooledFeatureDataset, build_head
+from fmtransfer.errors import ConfigError
+from fmtransfer.heads import HeadClassifier, PooledFeatureDataset, build_head, input_grids
 from fmtransfer.regimes.context import RunContext, as_level_spec, start_run
 from fmtransfer.training import CachedFeatureDataModule, TrainingTools, epochs_for, fit_select_test, reseed
 
@@ -47,15 +49,27 @@ def fit_head(
     planned_epochs: Callable[[int, int, int, int], int] = epochs_for,
     refit: bool = False,
     schedule_epochs: Callable[[int], int] = lambda epochs: epochs,
+    train_labels: torch.Tensor | None = None,
 ) -> dict:
     """The configured head, its normaliser fitted on ``train_features``, trained on ``datamodule`` (whose inputs
     ``features`` maps to the head's input, when given), selected on validation, tested once. ``planned_epochs``
     turns (training size, batch size, epochs, min steps) into the epochs to train; ``refit``: no validation (a refit on
-    the whole labelled pool); ``schedule_epochs`` turns its epochs into the learning-rate schedule's horizon."""
+    the whole labelled pool); ``schedule_epochs`` turns its epochs into the learning-rate schedule's horizon.
+
+    A head that selects its inputs (``select``) chooses them from ``train_features`` and ``train_labels`` first.
+    The results' ``head`` says what the head read: its input groups' widths, and the features it kept.
+    """
     reseed(tools.seed)
     dims = {k: int(v.shape[1]) for k, v in train_features.items()}
     head = build_head(head_cfg.name, dims, num_classes, **dict(head_cfg.options))
     head.normalizer.fit(train_features)
+    described: dict = {"inputs": dims}
+    if hasattr(head, "select"):
+        if train_labels is None:
+            raise ValueError(f"head.name={head_cfg.name} selects its inputs: fit_head needs train_labels")
+        began = time.perf_counter()
+        head.select(train_features, train_labels)
+        described.update(kept=head.kept_groups(), select_seconds=round(time.perf_counter() - began, 3))
     num_train = len(next(iter(train_features.values())))
     epochs = planned_epochs(num_train, head_cfg.batch_size, head_cfg.epochs, head_cfg.min_steps)
     module = HeadClassifier(
@@ -68,7 +82,8 @@ def fit_head(
         features=features,
     )
     trainer = tools.fit_trainer(epochs, callbacks, validate=not refit)
-    return fit_select_test(trainer, module, datamodule, tools.seed, refit=refit, evaluate_test=tools.evaluate_test)
+    results = fit_select_test(trainer, module, datamodule, tools.seed, refit=refit, evaluate_test=tools.evaluate_test)
+    return {**results, "head": described}
 
 
 @dataclass
@@ -86,9 +101,11 @@ class FrozenRegime:
         head_cfg = HeadSettings(**self.head)
         head_levels = parse_levels(as_level_spec(head_cfg.levels), ctx.spec.levels)
         names = [lv.name for lv in head_levels]
+        grids = input_grids(head_cfg.name, head_cfg.options)
+        check_cache_grids(ctx.cfg.cache, head_cfg.name, grids)
         datamodule = CachedFeatureDataModule(
             lambda: cache_frozen_features(ctx, head_levels),
-            lambda split: PooledFeatureDataset.from_cache(split, names),
+            lambda split: PooledFeatureDataset.from_cache(split, names, grids),
             head_cfg.batch_size,
             ctx.tools.placement,
             ctx.seed,
@@ -105,12 +122,28 @@ class FrozenRegime:
             planned_epochs=ctx.planned_epochs,
             refit=ctx.refit,
             schedule_epochs=ctx.schedule_epochs,
+            train_labels=datamodule.sets["train"].labels,
         )
         return ctx.metrics(
             self.name,
             results,
             cache=cache_summary(datamodule.caches),
-            head={"name": head_cfg.name, "levels": names},
+            head={"name": head_cfg.name, "levels": names, "grids": list(grids), **results["head"]},
+        )
+
+
+def check_cache_grids(cache_cfg: DictConfig, head_name: str, grids: Sequence[int]) -> None:
+    """A head that reads ``g x g`` grids needs maps the cache kept at least that fine (no re-extraction)."""
+    finest = max(grids)
+    if finest > 1 and cache_cfg.pool == "global":
+        raise ConfigError(
+            f"head.name={head_name} reads {finest}x{finest} grids of each level, but cache.pool=global keeps one "
+            f"vector per level: set cache.pool=avg (with cache.pool_size >= {finest}) or cache.pool=none."
+        )
+    if finest > 1 and cache_cfg.pool == "avg" and int(cache_cfg.pool_size) < finest:
+        raise ConfigError(
+            f"head.name={head_name} reads {finest}x{finest} grids of each level, but cache.pool_size="
+            f"{cache_cfg.pool_size} keeps coarser maps: set cache.pool_size >= {finest} (or lower head.options.grids)."
         )
 
 

@@ -40,7 +40,7 @@ def test_predictions(records: list[dict], class_names: list[str]) -> tuple[np.nd
 
 def out_of_fold(records: list[dict], shots: str) -> dict:
     """``{regime: {"rows", "labels", "preds"}}``: each regime's chosen out-of-fold predictions for ``shots`` (from
-    its selection's ``oof.npz``; regimes without one are left out)."""
+    its selection's ``oof``, the chosen candidate's; regimes without one are left out)."""
     out = {}
     for rec in records:
         path = (rec.get("selection") or {}).get("oof")

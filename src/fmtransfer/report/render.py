@@ -249,6 +249,47 @@ def per_class_table(results: dict) -> list[list[str]] | None:
     return rows
 
 
+def sweep_table(results: dict, shots: str) -> list[list[str]] | None:
+    """Every candidate of each regime's sweep (regimes with more than one), scored on the same folds: its selection
+    score, epoch, and paired difference from the chosen candidate on the same images (± paired SE)."""
+    rows = [["regime", "candidate", "selection score", "epoch", "vs chosen (paired, ± SE)"]]
+    seen = set()
+    for r in results["runs"]:
+        sel = r.get("selection") or {}
+        candidates = sel.get("candidates") or []
+        if r["shots_per_class"] != shots or r["regime"] in seen or len(candidates) < 2:
+            continue
+        seen.add(r["regime"])
+        chosen = (sel.get("settings") or {}).get("overrides")
+        for c in candidates:
+            vs = c.get("vs_chosen")
+            versus = "chosen" if c["overrides"] == chosen else (f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs else "–")
+            rows.append(
+                [r["regime"], " ".join(c["overrides"]) or "configured", f"{c['score']:.3f}", str(c["epoch"]), versus]
+            )
+    return rows if len(rows) > 1 else None
+
+
+def kept_features_table(results: dict, shots: str) -> list[list[str]] | None:
+    """What a selecting head (Head2Toe's) kept in the final runs: per input group (level and grid), the features
+    kept of its total in each seed's run, and per grid cell (seed of the first run)."""
+    runs = [
+        r for r in results["runs"] if r["shots_per_class"] == shots and (r.get("head") or {}).get("kept") is not None
+    ]
+    if not runs:
+        return None
+    groups = list((runs[0]["head"].get("inputs") or {}) or runs[0]["head"]["kept"])
+    rows = [["level @ grid", *(f"kept, seed {r['seed']}" for r in runs), f"per cell, seed {runs[0]['seed']}"]]
+    for group in groups:
+        counts = [r["head"]["kept"].get(group) for r in runs]
+        if not any(counts):
+            continue
+        size = next(c["of"] for c in counts if c)
+        cells = counts[0]["cells"] if counts[0] and len(counts[0]["cells"]) > 1 else []
+        rows.append([group, *(f"{c['features'] if c else 0} of {size}" for c in counts), " ".join(map(str, cells))])
+    return rows
+
+
 def selection_curves(results: dict, shots: str) -> dict[str, dict]:
     """Each regime's pooled out-of-fold validation loss by epoch for its chosen candidate (what chose its epoch)."""
     out = {}
@@ -392,6 +433,17 @@ def sections(results: dict) -> list[tuple[str, str]]:
     ]
 
 
+def optional_tables(results: dict, shots: str) -> list[tuple[str, list[list[str]]]]:
+    """(title, rows) of the tables the results support: the winner's per-class scores, the sweeps' candidates,
+    the features a selecting head kept."""
+    tables = [
+        (f"Per class: {results['verdict']['winner']} (test split, mean over seeds)", per_class_table(results)),
+        (f"Sweeps ({shots} shots): every candidate on the same folds", sweep_table(results, shots)),
+        (f"Features the selective head kept ({shots} shots, final runs)", kept_features_table(results, shots)),
+    ]
+    return [(title, rows) for title, rows in tables if rows]
+
+
 def write_report(results: dict, report_dir: Path) -> None:
     """Write ``report.md`` + ``figures/*.png`` and a standalone ``report.html``."""
     shots = results["verdict"]["shots"]
@@ -427,10 +479,9 @@ def write_report(results: dict, report_dir: Path) -> None:
         _md_table(shots_table(results["summary"])),
         "",
     ]
-    per_class = per_class_table(results)
-    per_class_title = f"Per class: {results['verdict']['winner']} (test split, mean over seeds)"
-    if per_class:
-        md += [f"## {per_class_title}", "", _md_table(per_class), ""]
+    extra = optional_tables(results, shots)
+    for extra_title, rows in extra:
+        md += [f"## {extra_title}", "", _md_table(rows), ""]
     for name, (caption, _) in figs.items():
         md += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
     md += [f"## {env[0]}", "", env[1], "", "Every number above is in `results.json`.", ""]
@@ -451,6 +502,6 @@ th{{background:#f3f3f3}}img{{max-width:100%;border:1px solid #eee}}code{{backgro
 <h2>{html.escape(table_title)}</h2>{_html_table(regime_table(results["summary"], shots))}
 <p>{html.escape(KEPT_START_NOTE)}</p>
 <h2>Test accuracy by shots per class</h2>{_html_table(shots_table(results["summary"]))}
-{f"<h2>{html.escape(per_class_title)}</h2>{_html_table(per_class)}" if per_class else ""}
+{"".join(f"<h2>{html.escape(t)}</h2>{_html_table(rows)}" for t, rows in extra)}
 {imgs}<h2>{env[0]}</h2><p>{html.escape(env[1])}</p><p>Every number above is in results.json.</p></body></html>"""
     (report_dir / "report.html").write_text(page)

@@ -243,10 +243,8 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
     if not scored:
         return Selection(protocol, metric, candidates[0], folds=folds, complete=False)
     chosen = max(scored, key=lambda s: s["score"])  # max keeps the first of equal scores: the sweep's first entry
-    curve = chosen["_curve"]
     select_dir.mkdir(parents=True, exist_ok=True)
-    oof = select_dir / "oof.npz"
-    write_npz(oof, rows=curve["rows"], labels=curve["labels"], probs=curve["probs"].astype(np.float32))
+    compare_candidates(scored, chosen, metric, data.num_classes, select_dir)
     for s in scored:
         s.pop("_curve")
     return Selection(
@@ -263,8 +261,25 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
         candidates=scored,
         seconds=seconds,
         complete=complete,
-        oof=str(oof),
+        oof=chosen["oof"],
     )
+
+
+def compare_candidates(scored: list[dict], chosen: dict, metric: str, num_classes: int, select_dir: Path) -> None:
+    """Each scored candidate's pooled out-of-fold predictions written to ``candidate<i>-oof.npz`` (its ``oof``),
+    and its score's paired difference from the chosen candidate's on the same images, with the paired SE
+    (``vs_chosen``: ``{"diff", "se"}``; the chosen one's is 0)."""
+    best = chosen["_curve"]["probs"].argmax(1)
+    for i, cand in enumerate(scored):
+        curve = cand["_curve"]
+        path = select_dir / f"candidate{i}-oof.npz"
+        write_npz(path, rows=curve["rows"], labels=curve["labels"], probs=curve["probs"].astype(np.float32))
+        preds = curve["probs"].argmax(1)
+        cand["oof"] = str(path)
+        cand["vs_chosen"] = {
+            "diff": round(cand["score"] - chosen["score"], 6),
+            "se": round(paired_se(metric, curve["labels"], preds, best, num_classes), 6),
+        }
 
 
 def final_config(base: DictConfig, selection: Selection) -> DictConfig:
