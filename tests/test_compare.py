@@ -75,6 +75,9 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
             r["shots_per_class"]
         )
         assert metrics["val"] is None and metrics["best_checkpoint"].endswith("final.ckpt")
+        if r["regime"] == "frozen":  # the selective head's feature selection is part of the model's cost
+            assert metrics["head"]["select_seconds"] > 0
+            assert metrics["probe_seconds"] == pytest.approx(metrics["head"]["select_seconds"], abs=2e-3)
     frozen_params = {r["trainable_params"] for r in runs if r["regime"] == "frozen"}
     finetune_params = {r["trainable_params"] for r in runs if r["regime"] == "finetune"}
     assert max(frozen_params) < min(finetune_params)
@@ -352,3 +355,7 @@ def test_a_users_override_wins_over_the_sweep_and_is_listed():
     assert len(cfg.compare.sweep.frozen) == 5 and len(cfg.compare.sweep.finetune) == 2
     assert list(cfg.compare.user_overrides) == ["regimes.partial.k=2", "head.lr=0.05"]
     assert list(resolve_preset(["experiment=hymenoptera"]).compare.user_overrides) == []
+    # A candidate that sets a whole dict (the selective head's options) gives way to a user's key inside it.
+    inside = resolve_preset(["experiment=hymenoptera", "+head.options.fraction=0.2"])
+    assert not any(str(o).startswith("head.options") for c in inside.compare.sweep.frozen for o in c)
+    assert inside.head.options.fraction == 0.2

@@ -55,7 +55,7 @@ class RunContext:
     # user who ran only this regime (make compare's cost; a hit costs the run that built it, not this one).
     cache_build_seconds: dict[str, float] = field(default_factory=dict)
     # Wall time of this run's own steps outside fit_select_test: "cache" (finding, gathering or extracting maps),
-    # "probe" (fitting a linear-probe start). "probe" is part of what the model costs.
+    # "probe" (fitting a linear-probe start, or a head's feature selection). "probe" is part of what the model costs.
     phases: dict[str, float] = field(default_factory=dict)
 
     def add_phase(self, name: str, seconds: float) -> None:

@@ -124,6 +124,8 @@ class FrozenRegime:
             schedule_epochs=ctx.schedule_epochs,
             train_labels=datamodule.sets["train"].labels,
         )
+        # A selecting head's fit before training is part of what the model costs, as LP-FT's probe is.
+        ctx.add_phase("probe", results["head"].get("select_seconds", 0.0))
         return ctx.metrics(
             self.name,
             results,

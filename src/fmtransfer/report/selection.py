@@ -106,7 +106,8 @@ def sweep_without(sweep: dict, keys: list[str]) -> dict:
         key = str(item).split("=", 1)[0]
         for user in keys:
             user = user.replace(f"regimes.{regime}.", "regime.", 1) if user.startswith(f"regimes.{regime}.") else user
-            if key == user or key.startswith(f"{user}."):
+            # The same key, one under the user's, or one holding the user's (a candidate's whole head.options).
+            if key == user or key.startswith(f"{user}.") or user.startswith(f"{key}."):
                 return True
         return False
 
