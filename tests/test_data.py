@@ -197,3 +197,21 @@ def test_csv_problems_are_named(tmp_path):
     ))  # fmt: skip
     with pytest.raises(DataError, match="split values other than"):
         prepare_data(str(tmp_path / "split.csv"))
+
+
+def test_a_folder_loaded_again_in_one_process_is_reused_until_its_files_change(tmp_path):
+    """A comparison loads its dataset for every run: the same files are read once per process; an image added (or
+    changed) is seen by the next load."""
+    from fmtransfer.data.sources import load_image_dataset
+
+    root = write_image_folder(tmp_path / "folder", {"train": 4, "val": 2}, classes=2)
+    first, _, _ = load_image_dataset(str(root))
+    again, _, _ = load_image_dataset(str(root))
+    assert again is not first and again["train"] is first["train"], "the same splits, in a dict of the caller's own"
+    held_out = next(k for k in again if k != "train")
+    del again[held_out]  # a caller dropping a split does not drop it from the next load
+    assert set(load_image_dataset(str(root))[0]) == set(first) == {"train", held_out}
+    extra = root / "train" / "digit0" / "extra.png"
+    Image.open(next((root / "train" / "digit0").iterdir())).save(extra)
+    grown, _, _ = load_image_dataset(str(root))
+    assert len(grown["train"]) == len(first["train"]) + 1

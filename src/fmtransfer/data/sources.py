@@ -7,6 +7,7 @@ Every source returns splits with exactly two columns, ``image`` (an ``Image`` fe
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,15 +238,45 @@ def detect_source(path: str, fmt: str = "auto") -> DataSource:
     )
 
 
+# Loads already made by this process (a comparison runs ~100 training runs on one dataset): key -> (splits, notes).
+_LOADED: OrderedDict[tuple, tuple[DatasetDict, list[str]]] = OrderedDict()
+LOADED_KEPT = 4
+
+
+def location_state(location: str, source: DataSource) -> tuple:
+    """What a local location's load depends on beyond its arguments: every file's path, size and modification time
+    (a CSV's own file; nothing for the embedded and hub sources, fixed by their names)."""
+    if source.name in ("hub", "sklearn_digits"):
+        return ()
+    root = Path(location)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    return tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),))
+
+
 def load_image_dataset(
     path: str, fmt: str = "auto", cache_dir: str | None = None, csv_columns: dict[str, str] | None = None
 ) -> tuple[DatasetDict, DataSource, list[str]]:
     """Load ``path`` into a ``DatasetDict`` of ``image``/``label`` splits.
 
-    Returns it with the source used and notes from inspecting the raw location (e.g. ignored files).
+    Returns it with the source used and notes from inspecting the raw location (e.g. ignored files). A location
+    loaded before by this process, with the same files (paths, sizes, modification times), is not read again.
     """
     source = detect_source(str(path), fmt)
     location = path if path in EMBEDDED_PATHS or source.name == "hub" else str(Path(path).expanduser())
+    key = (source.name, location, cache_dir, tuple(sorted((csv_columns or {}).items())))
+    key += location_state(location, source)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        dsd, notes = _LOADED[key]
+        return DatasetDict(dsd), source, list(notes)  # a new dict: callers may add or drop splits
+    dsd, notes = _load_checked(path, location, source, cache_dir, csv_columns)
+    _LOADED[key] = (dsd, notes)
+    while len(_LOADED) > LOADED_KEPT:
+        _LOADED.popitem(last=False)
+    return DatasetDict(dsd), source, list(notes)
+
+
+def _load_checked(path: str, location: str, source: DataSource, cache_dir, csv_columns) -> tuple[DatasetDict, list]:
     notes = source.inspect(location) if source.inspect else []
     dsd = source.load(location, cache_dir, csv_columns) if source.name == "csv" else source.load(location, cache_dir)
     if not dsd:
@@ -261,4 +292,4 @@ def load_image_dataset(
                 f"every split must have the same class folders."
             )
         names = split_names
-    return dsd, source, notes
+    return dsd, notes
