@@ -105,7 +105,8 @@ class SelectiveHead(nn.Module):
             raise ConfigError(f"head.options.fraction={fraction} must be in (0, 1]: the share of features kept.")
         if not 0 <= penalty < 1:
             raise ConfigError(f"head.options.penalty={penalty} must be in [0, 1): a fraction of lambda_max.")
-        self.fraction, self.penalty, self.grids = float(fraction), float(penalty), [int(g) for g in grids]
+        # ``grids`` is what the data pipeline pooled the inputs to (``input_grids`` reads it); ``dims`` carries it here.
+        self.fraction, self.penalty = float(fraction), float(penalty)
         self.normalizer = FeatureNormalizer(dims, balance_levels=True)
         kept = kept_count(self.normalizer.out_features, self.fraction)
         self.register_buffer("kept", torch.arange(kept))
