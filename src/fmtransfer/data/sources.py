@@ -265,15 +265,13 @@ def load_image_dataset(
     location = path if path in EMBEDDED_PATHS or source.name == "hub" else str(Path(path).expanduser())
     key = (source.name, location, cache_dir, tuple(sorted((csv_columns or {}).items())))
     key += location_state(location, source)
-    if key in _LOADED:
-        _LOADED.move_to_end(key)
-        dsd, notes = _LOADED[key]
-        return DatasetDict(dsd), source, list(notes)  # a new dict: callers may add or drop splits
-    dsd, notes = _load_checked(path, location, source, cache_dir, csv_columns)
-    _LOADED[key] = (dsd, notes)
+    if key not in _LOADED:
+        _LOADED[key] = _load_checked(path, location, source, cache_dir, csv_columns)
+    _LOADED.move_to_end(key)
+    dsd, notes = _LOADED[key]
     while len(_LOADED) > LOADED_KEPT:
         _LOADED.popitem(last=False)
-    return DatasetDict(dsd), source, list(notes)
+    return DatasetDict(dsd), source, list(notes)  # a new dict: callers may add or drop splits
 
 
 def _load_checked(path: str, location: str, source: DataSource, cache_dir, csv_columns) -> tuple[DatasetDict, list]:

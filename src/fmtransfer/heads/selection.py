@@ -71,11 +71,10 @@ def rank_features(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, b
     by the norm of their loss gradient (at the optimum at most the penalty: the closest to entering first)."""
     norms = weight.norm(dim=0)
     grad_w, _ = _gradients(x, F.one_hot(labels, weight.shape[0]).to(x.dtype), weight, bias)
+    grad_norms = grad_w.norm(dim=0)
     # A zeroed feature's key is below every kept one's (norms > 0 map to > 1): one sort, ties to the lower index.
     key = torch.where(
-        norms > 0,
-        1 + norms / norms.max().clamp_min(1e-30),
-        grad_w.norm(dim=0) / grad_w.norm(dim=0).max().clamp_min(1e-30),
+        norms > 0, 1 + norms / norms.max().clamp_min(1e-30), grad_norms / grad_norms.max().clamp_min(1e-30)
     )
     return torch.sort(-key, stable=True).indices
 
