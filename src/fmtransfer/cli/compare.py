@@ -34,7 +34,7 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
             f"compare.preset={preset} is not known; choose auto or one of {sorted(cfg.compare.presets)}."
         )
     selection = (cfg.compare.get("selection_presets") or {}).get(preset) or []
-    preset_overrides = [*cfg.compare.presets[preset], *selection]
+    preset_overrides = [*cfg.compare.presets[preset], *selection, *budget_links(cfg)]
     final = compose_config([*preset_overrides, f"compare.preset={preset}", *overrides], name="compare")
     final.compare.preset_note = str(final.compare.preset_notes[preset])
     if final.compare.metric not in METRIC_NAMES:  # before any run, not when the report is written
@@ -49,6 +49,20 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
         final.compare.sweep = sweep_without(OmegaConf.to_container(final.compare.sweep), keys)
     final.compare.user_overrides = [o for o in overrides if str(o).split("=", 1)[0].lstrip("+~") in keys]
     return final
+
+
+BUDGET_KEYS = ("epochs", "min_steps", "image_size")
+
+
+def budget_links(cfg: DictConfig) -> list[str]:
+    """Overrides that give each regime of ``compare.budget_of`` its source regime's budget, as interpolations (so
+    a preset's or an experiment's sizes for the source reach it too)."""
+    links = []
+    for regime, source in (cfg.compare.get("budget_of") or {}).items():
+        if regime not in cfg.regimes or source not in cfg.regimes:
+            raise FmtransferError(f"compare.budget_of: {regime}: {source} names a regime not in {sorted(cfg.regimes)}.")
+        links += [f"regimes.{regime}.{key}=${{regimes.{source}.{key}}}" for key in BUDGET_KEYS]
+    return links
 
 
 def dataset_name(path: str) -> str:

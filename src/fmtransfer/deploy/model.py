@@ -24,6 +24,7 @@ from fmtransfer.backbone import (
     split_level,
     to_channels_last,
 )
+from fmtransfer.backbone.tuning import add_lora, merge_lora
 from fmtransfer.cache import pool_map
 from fmtransfer.deploy.rundir import FinishedRun, RunDirError
 from fmtransfer.heads import GridPooling, LinearProbeHead, build_head, input_grids
@@ -131,13 +132,25 @@ def _pre_logits(run: FinishedRun) -> LevelInfo:
     return next(lv for lv in run.spec.levels if lv.name == PRE_LOGITS)
 
 
-def whole_backbone_model(run: FinishedRun, state: dict) -> ImageClassifier:
+def whole_backbone_model(run: FinishedRun, state: dict, backbone: nn.Module | None = None) -> ImageClassifier:
     regime = run.cfg.regime
-    features: nn.Module = FeatureMapExtractor(run.spec.create()[0], [_pre_logits(run)])
+    backbone = run.spec.create()[0] if backbone is None else backbone
+    features: nn.Module = FeatureMapExtractor(backbone, [_pre_logits(run)])
     if regime.fixed_bn_stats:
         features = FixedBatchNormStats(features)
     model = ImageClassifier(features, LinearProbeHead({PRE_LOGITS: _pre_logits(run).channels}, len(run.class_names)))
     _load(model, _trained(state), run)
+    return model
+
+
+def lora_model(run: FinishedRun, state: dict, merged: bool = True) -> ImageClassifier:
+    """A LoRA run's model: the adapters injected as training injected them, the checkpoint loaded strictly, then
+    (``merged``) each adapter merged into its layer's weights, leaving a plain timm backbone."""
+    regime = run.cfg.regime
+    backbone = add_lora(run.spec.create()[0], regime.rank, regime.alpha, regime.dropout, regime.targets)
+    model = whole_backbone_model(run, state, backbone)
+    if merged:
+        merge_lora(backbone)
     return model
 
 
@@ -176,6 +189,9 @@ MODEL_BUILDERS: dict[str, Callable[[FinishedRun, dict], ImageClassifier]] = {
     "partial": partial_model,
     "finetune": whole_backbone_model,
     "scratch": whole_backbone_model,
+    "bitfit": whole_backbone_model,
+    "surgical": whole_backbone_model,
+    "lora": lora_model,
 }
 
 

@@ -115,8 +115,7 @@ def live_probabilities(run: FinishedRun, images: Dataset, batch_size: int, num_w
         ImageClassificationDataset(images, build_eval_transform(run.data_config)),
         batch_size=batch_size,
         num_workers=num_workers,
-        channels_last=run.channels_last,
-    )
+    )  # build_classifier lays the model out as the run did (channels-last converts its inputs as they arrive)
     out = []
     with torch.no_grad():
         for x, _, _ in loader:

@@ -24,7 +24,8 @@ class HeadClassifier(pl.LightningModule):
 
     ``features`` maps a batch's inputs to the head's input: absent for cached features, a frozen backbone when the
     backbone runs live, or a trainable (part of a) backbone in the partial/finetune/scratch regimes. Its trainable
-    parameters get ``backbone_lr`` (default: ``lr``). The test confusion matrix is kept in ``test_confusion``.
+    parameters get ``backbone_lr`` (default: ``lr``), each tensor in its own optimiser group with ``per_tensor_lr``
+    (tagged ``auto_rgn``, for ``RelativeGradNormLR``). The test confusion matrix is kept in ``test_confusion``.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class HeadClassifier(pl.LightningModule):
         backbone_lr: float | None = None,
         warmup_epochs: float = 0.0,
         layer_decay: float | None = None,
+        per_tensor_lr: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["head", "features"])
@@ -141,6 +143,7 @@ class HeadClassifier(pl.LightningModule):
                 self.hparams.backbone_lr or self.hparams.lr,
                 self.hparams.weight_decay,
                 self.hparams.layer_decay,
+                per_tensor=self.hparams.per_tensor_lr,
             )
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
         steps_per_epoch = self._steps_per_epoch()
@@ -163,15 +166,20 @@ def lr_factor(step: int, steps_per_epoch: int, warmup: float, horizon: int) -> f
     return 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
 
 
-def backbone_groups(features: nn.Module, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
-    """Optimiser groups of the trainable backbone parameters: one group at ``lr``, or with ``layer_decay`` timm's
-    layer-wise groups (``param_groups_layer_decay``: timm's classifier layer at ``lr``, each layer below it
-    ``layer_decay`` times lower; no weight decay on biases and norms) where ``features`` holds a timm model with a
-    group matcher."""
+def backbone_groups(
+    features: nn.Module, lr: float, weight_decay: float, layer_decay: float | None, per_tensor: bool = False
+) -> list[dict]:
+    """Optimiser groups of the trainable backbone parameters: one group at ``lr``; with ``per_tensor`` one group per
+    tensor (``{"params": [p], "lr", "name", "auto_rgn": True}``); or with ``layer_decay`` timm's layer-wise groups
+    (``param_groups_layer_decay``: timm's classifier layer at ``lr``, each layer below it ``layer_decay`` times lower;
+    no weight decay on biases and norms) where ``features`` holds a timm model with a group matcher."""
     trainable = [p for p in features.parameters() if p.requires_grad]
     model = next((m for m in features.modules() if hasattr(m, "group_matcher")), None)
     if not trainable:
         return []
+    if per_tensor:
+        named = [(n, p) for n, p in features.named_parameters() if p.requires_grad]
+        return [{"params": [p], "lr": lr, "name": n, "auto_rgn": True} for n, p in named]
     if layer_decay is None or model is None:
         return [{"params": trainable, "lr": lr}]
     from timm.optim import param_groups_layer_decay

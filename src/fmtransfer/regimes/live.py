@@ -17,7 +17,7 @@ from torch import nn
 from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FixedBatchNormStats, to_channels_last
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_regularised_probe
 from fmtransfer.regimes.context import RunContext, start_run
-from fmtransfer.training import ImageDataModule, TrainingTools, fit_select_test, reseed
+from fmtransfer.training import ImageDataModule, RelativeGradNormLR, TrainingTools, fit_select_test, reseed
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class BackboneTraining:
         """The regime's settings, as ``metrics.json`` records them."""
         return asdict(self)
 
+    def auto_rgn(self) -> bool:
+        """Whether each backbone tensor's learning rate follows its relative gradient norm (``RelativeGradNormLR``)."""
+        return False
+
     def fit(
         self,
         ctx: RunContext,
@@ -66,6 +70,7 @@ class BackboneTraining:
         features.train()
         head.train()
         epochs = ctx.planned_epochs(len(ctx.data.splits["train"]), self.batch_size, self.epochs, self.min_steps)
+        rgn = RelativeGradNormLR() if self.auto_rgn() else None
         module = HeadClassifier(
             head,
             ctx.data.num_classes,
@@ -77,11 +82,16 @@ class BackboneTraining:
             features=features,
             warmup_epochs=self.warmup_epochs,
             layer_decay=self.layer_decay,
+            per_tensor_lr=rgn is not None,
         )
+        callbacks = [*callbacks, rgn] if rgn is not None else callbacks
         trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True, validate=not ctx.refit)
-        return fit_select_test(
+        results = fit_select_test(
             trainer, module, datamodule, ctx.seed, refit=ctx.refit, evaluate_test=ctx.tools.evaluate_test
         )
+        if rgn is not None:
+            results["auto_rgn"] = rgn.mean_multipliers()
+        return results
 
 
 def pre_logits_head(ctx: RunContext, probe_init: bool, regime: str) -> LinearProbeHead:
@@ -140,15 +150,26 @@ class WholeBackboneRegime(BackboneTraining):
     def probe_init(self) -> bool:
         return False
 
+    def tune(self, model: nn.Module) -> nn.Module:
+        """``model`` with the parameters this regime trains marked trainable (here: all of them)."""
+        return model
+
+    def tuned(self, model: nn.Module, results: dict) -> dict | None:
+        """What of the backbone trained, for ``metrics.json`` and the report (None: everything)."""
+        return None
+
     def run(self, cfg: DictConfig, run_dir: Path, tools: TrainingTools, callbacks: Sequence[pl.Callback] = ()) -> dict:
         weights = None if self.pretrained else "random"  # None: backbone.weights
         ctx = start_run(cfg, run_dir, tools, weights=weights, image_size=self.image_size)
         head = pre_logits_head(ctx, probe_init=self.probe_init(), regime=self.name)
         reseed(ctx.seed)  # scratch's random initialisation must not depend on what ran before
         model, info = ctx.spec.create(drop_path_rate=self.drop_path_rate)
+        model = self.tune(model)
         features = FeatureMapExtractor(model, [lv for lv in ctx.spec.levels if lv.name == PRE_LOGITS])
         results = self.fit(ctx, head, features, image_datamodule(ctx, self.batch_size), callbacks)
-        return ctx.metrics(self.name, results, regime_config=self.settings(), weights=info.detail)
+        tuned = self.tuned(model, results)
+        extra = {"tuned": tuned} if tuned is not None else {}
+        return ctx.metrics(self.name, results, regime_config=self.settings(), weights=info.detail, **extra)
 
 
 @dataclass

@@ -21,7 +21,15 @@ def _png(fig) -> bytes:
 
 
 # One colour per regime in every figure (matplotlib's tab10 order); other names follow in order.
-REGIME_COLOURS = {"frozen": "C0", "partial": "C1", "finetune": "C2", "scratch": "C3"}
+REGIME_COLOURS = {
+    "frozen": "C0",
+    "partial": "C1",
+    "finetune": "C2",
+    "scratch": "C3",
+    "bitfit": "C4",
+    "lora": "C5",
+    "surgical": "C6",
+}
 
 
 def regime_colour(regime: str) -> str:

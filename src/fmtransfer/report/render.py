@@ -209,7 +209,7 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
 
 KEPT_START_NOTE = (
     "kept start: final runs that trained 0 epochs because the pooled out-of-fold validation loss was lowest at the "
-    "start (for partial and finetune a linear probe on the frozen pre-logits: such a run is that probe). "
+    f"start (for {', '.join(STARTS_AS_PROBE)} a linear probe on the frozen pre-logits: such a run is that probe). "
     "selection accuracy: pooled out-of-fold accuracy at the chosen epoch ± its binomial SE (best of N: the regime's "
     "sweep had N candidates); the test split is touched once per final run. cost: per final run, extraction of the "
     "levels and image size the model reads + probe fit + training; selection: every selection run, not in the cost."

@@ -140,6 +140,7 @@ def run_record(metrics: dict, run_dir: Path, shots: str, selection: Selection) -
         test_predictions=str(run_dir / metrics["test_predictions"]) if metrics.get("test_predictions") else None,
         head=metrics.get("head"),
         split_level=(metrics.get("partial") or {}).get("split_level"),
+        tuned=metrics.get("tuned"),
     )
     record["val"] = selection.scores
     if selection.kept_start:

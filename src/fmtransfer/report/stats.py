@@ -59,6 +59,7 @@ def summarise_runs(records: list[dict]) -> dict:
                     "selection_seconds": float((recs[0].get("selection") or {}).get("seconds") or 0.0),
                     "head": recs[0].get("head"),
                     "split_level": recs[0].get("split_level"),
+                    "tuned": recs[0].get("tuned"),
                     "n_scored": (recs[0].get("selection") or {}).get("n_scored"),
                     "selection": recs[0].get("selection"),
                     "trainable_params": recs[0]["trainable_params"],

@@ -69,8 +69,19 @@ DESCRIBE = {
     "scratch": lambda row, e: (
         "untrained random backbone + linear head" if e == 0 else "whole backbone trained from random initialisation"
     ),
+    **{
+        regime: (lambda row, e: "linear probe, pre_logits" if e == 0 else f"{_tuned_text(row)} + linear head")
+        for regime in ("bitfit", "lora", "surgical")
+    },
 }
-STARTS_AS_PROBE = ("partial", "finetune")  # their start is a linear probe on the frozen pre-logits (LP-FT)
+# Their start is a linear probe on the frozen pre-logits (LP-FT).
+STARTS_AS_PROBE = ("partial", "finetune", "bitfit", "lora", "surgical")
+
+
+def _tuned_text(row: dict) -> str:
+    """What a parameter-efficient regime trained of the backbone, e.g. "backbone biases and norms (43,016)"."""
+    tuned = row.get("tuned") or {}
+    return f"backbone {tuned.get('what', 'part')} ({tuned.get('backbone_params', 0):,} parameters)"
 
 
 def model_description(regime: str, row: dict) -> dict:

@@ -1,11 +1,11 @@
 """Training stage: the fit -> select on validation -> test-once loop and what plugs into Lightning around it.
 
 ``fit.py`` the loop; ``datamodules.py`` images and cached features as LightningDataModules; ``callbacks.py`` epoch
-timing and peak memory; ``placement.py`` where tensors live; ``instantiate.py`` Trainer, callbacks and loggers built
-from config (the only module here that reads a config).
+timing, peak memory and Auto-RGN's learning rates; ``placement.py`` where tensors live; ``instantiate.py`` Trainer,
+callbacks and loggers built from config (the only module here that reads a config).
 """
 
-from fmtransfer.training.callbacks import EpochTimer, PeakMemory, release_free_memory
+from fmtransfer.training.callbacks import EpochTimer, PeakMemory, RelativeGradNormLR, release_free_memory
 from fmtransfer.training.datamodules import CachedFeatureDataModule, ImageDataModule
 from fmtransfer.training.fit import epochs_for, fit_select_test, reseed, validation_interval
 from fmtransfer.training.instantiate import TrainingTools, instantiate_training
@@ -28,6 +28,7 @@ __all__ = [
     "PeakMemory",
     "Placement",
     "Precision",
+    "RelativeGradNormLR",
     "TrainingTools",
     "cpu_has_native_bf16",
     "epochs_for",

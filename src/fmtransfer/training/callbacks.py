@@ -1,4 +1,5 @@
-"""Lightning callbacks that measure a run: wall time per training epoch, and peak memory while it fits."""
+"""Lightning callbacks that measure a run (wall time per training epoch, peak memory while it fits) or steer it
+(Auto-RGN's per-tensor learning rates)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 
 import pytorch_lightning as pl
 import torch
+
+from fmtransfer.backbone.tuning import relative_grad_norms
 
 
 class EpochTimer(pl.Callback):
@@ -28,6 +31,32 @@ class EpochTimer(pl.Callback):
         if self._t is not None:
             self.seconds.append(time.perf_counter() - self._t)
         self._t = None
+
+
+class RelativeGradNormLR(pl.Callback):
+    """Auto-RGN (Lee et al., ICLR 2023): before each optimiser step, every optimiser group tagged ``auto_rgn`` (one
+    tensor each) gets its scheduled learning rate times its relative gradient norm over the largest one's
+    (``relative_grad_norms``), so the tensors the data pulls at hardest train fastest, in one run instead of a sweep
+    over blocks. The paper recomputes the multipliers each epoch from 5 extra batches; here each step's own gradients
+    set them (no extra passes). ``mean_multipliers``: each tensor's mean over the steps, by name."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        groups = [g for g in optimizer.param_groups if g.get("auto_rgn")]
+        if not groups:
+            return
+        weights = relative_grad_norms([g["params"][0] for g in groups]).tolist()
+        for group, w in zip(groups, weights, strict=True):
+            # The scheduler sets each group's rate afresh from its base rate every step: no compounding.
+            group["lr"] = group["lr"] * w
+            self.sums[group["name"]] = self.sums.get(group["name"], 0.0) + w
+        self.steps += 1
+
+    def mean_multipliers(self) -> dict[str, float]:
+        return {name: total / max(1, self.steps) for name, total in self.sums.items()}
 
 
 class BestEpoch(pl.Callback):
