@@ -345,6 +345,21 @@ def test_an_experiments_cpu_preset_keeps_the_cpu_selection():
     assert len(full.compare.sweep.frozen) == 5
 
 
+def test_parameter_efficient_regimes_train_on_finetune_s_budget_unless_set():
+    """compare.budget_of: bitfit, lora and surgical take finetune's epochs, steps and image size in every preset (an
+    experiment's CPU sizes included); a user's own setting wins; the CPU preset runs each one candidate."""
+    budget = ("epochs", "min_steps", "image_size")
+    for experiment in ("hymenoptera", "pneumoniamnist"):
+        cfg = resolve_preset([f"experiment={experiment}", "compare.preset=cpu", "regimes.lora.epochs=9"])
+        finetune = [cfg.regimes.finetune[k] for k in budget]
+        assert [cfg.regimes.bitfit[k] for k in budget] == [cfg.regimes.surgical[k] for k in budget] == finetune
+        assert cfg.regimes.lora.epochs == 9 and cfg.regimes.lora.image_size == cfg.regimes.finetune.image_size
+        assert all(len(cfg.compare.sweep[r]) == 1 for r in ("bitfit", "lora", "surgical"))
+    assert resolve_preset([]).compare.regimes == ["frozen", "partial", "finetune", "scratch"]
+    with pytest.raises(FmtransferError, match=r"compare\.budget_of: lora: nothing"):
+        resolve_preset(["compare.budget_of.lora=nothing"])
+
+
 def test_a_users_override_wins_over_the_sweep_and_is_listed():
     """``regimes.partial.k=2`` on the command line: the sweep no longer sets regime.k (k=2 runs), the Setup lists it;
     an experiment's own settings are not "the user's"."""

@@ -168,6 +168,39 @@ def test_live_regimes_rebuild_to_their_recorded_test_predictions(tmp_path, tiny_
         assert np.abs(probs.numpy() - recorded).max() < 1e-4, regime[0]
 
 
+def test_a_lora_run_predicts_and_exports_merged_plain_weights(tmp_path, tiny_overrides, capsys):
+    """A LoRA run (peft adapters on the 1x1 convolutions) rebuilt from its run dir gives the test probabilities the
+    run recorded (make predict runs it); in float32, the model make export writes, its adapters are merged into plain
+    weights with the adapted model's logits within 1e-4 (the ONNX conversion of plain layers: the export test)."""
+    from fmtransfer.backbone import build_eval_transform
+    from fmtransfer.data.images import to_rgb
+    from fmtransfer.deploy.model import lora_model
+    from fmtransfer.regimes import load_data
+
+    overrides = ["regime=lora", "regime.epochs=2", "regime.min_steps=4", "regime.image_size=32"]
+    run_dir = tmp_path / "lora"
+    metrics = run_regime(compose_config([*tiny_overrides, "data.shots_per_class=3", *overrides]), run_dir)
+    assert metrics["tuned"]["what"] == "LoRA rank 8 on 32 layers" and metrics["epochs"] > 0
+    run = load_run(run_dir)
+    images = load_data(run.cfg).splits["test"]["image"]
+    x = torch.stack([build_eval_transform(run.data_config)(to_rgb(im)) for im in images])
+    with torch.no_grad():
+        probs = build_classifier(run)(x).softmax(-1).numpy()
+        merged = build_classifier(run, run_precision=False)
+        adapted = lora_model(run, run.state_dict()).eval()
+        assert any("lora_B" in n for n, _ in adapted.named_parameters())
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        # The merge is exact arithmetic (in float64; in float32 the changed summation order alone moves this
+        # 32 px model's logits by up to ~2e-4).
+        assert np.abs(merged.double()(x.double()).numpy() - adapted.double()(x.double()).numpy()).max() < 1e-4
+    recorded = [[float(r[f"prob_{c}"]) for c in run.class_names] for r in _rows(run_dir / "test_predictions.csv")]
+    assert np.abs(probs - np.array(recorded)).max() < 1e-4
+
+    predict_main([f"run={run_dir}", "data.path=sklearn:digits", f"out={tmp_path / 'pred.csv'}"])
+    rows = _rows(_last_line(capsys, "predictions: "))
+    assert len(rows) == 1797 and {r["pred"] for r in rows} <= set(run.class_names)
+
+
 class _RunsCode:
     """Unpickling this runs ``open(path, 'w')``: what a malicious checkpoint could do."""
 

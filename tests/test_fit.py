@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from fmtransfer.cli.config import compose_config
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset
 from fmtransfer.regimes import FinetuneRegime, FrozenRegime, PartialRegime, ScratchRegime, for_run_dir
+from fmtransfer.regimes.efficient import BitFitRegime, LoraRegime, SurgicalRegime
 from fmtransfer.training import CachedFeatureDataModule, EpochTimer, PeakMemory, fit_select_test, instantiate_training
 from fmtransfer.training.fit import START_FILE
 
@@ -102,6 +103,9 @@ def test_a_resumed_run_compares_against_the_score_of_its_true_start(tmp_path):
         ("partial", PartialRegime, {"regime.k": 2}),
         ("finetune", FinetuneRegime, {"regime.lp_ft": False}),
         ("scratch", ScratchRegime, {"regime.image_size": 64}),
+        ("bitfit", BitFitRegime, {"regime.backbone_lr": 0.0001}),
+        ("lora", LoraRegime, {"regime.rank": 4}),
+        ("surgical", SurgicalRegime, {"regime.block": "last"}),
     ],
 )
 def test_each_regime_is_a_config_group_option_instantiated_with_its_settings(regime, kind, extra):

@@ -96,19 +96,20 @@ def block_names(model: nn.Module, block: str | int) -> tuple[str, list[str]]:
     return label, blocks[label]
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """A layer LoRA can adapt here: a linear layer or an ungrouped convolution (a depthwise convolution's adapter
+    would have more parameters than the layer)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
 def pointwise_layer_names(model: nn.Module) -> list[str]:
-    """The 1x1, ungrouped convolutions (depthwise ones excluded: an adapter there has more parameters than the
-    layer)."""
-    return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
-    ]
+    """The 1x1, ungrouped convolutions."""
+    return [name for name, m in model.named_modules() if _adaptable(m) and getattr(m, "kernel_size", None) == (1, 1)]
 
 
 def lora_targets(model: nn.Module, targets: str) -> list[str]:
     """The layer names LoRA adapts: ``pointwise`` (every 1x1 convolution) or a regular expression matched against
-    the full module names."""
+    the full module names of the linear layers and ungrouped convolutions."""
     if targets == "pointwise":
         names = pointwise_layer_names(model)
     else:
@@ -116,11 +117,12 @@ def lora_targets(model: nn.Module, targets: str) -> list[str]:
             pattern = re.compile(targets)
         except re.error as exc:
             raise ConfigError(f"regime.targets={targets!r} is not a regular expression: {exc}.") from None
-        names = [n for n, m in model.named_modules() if n and pattern.fullmatch(n)]
+        names = [n for n, m in model.named_modules() if _adaptable(m) and pattern.fullmatch(n)]
     if not names:
         raise ConfigError(
-            f"regime.targets={targets!r} matches no layer of {type(model).__name__}; use pointwise (the 1x1 "
-            f"convolutions) or a regular expression over its module names (e.g. 'blocks\\.6\\..*conv_pw')."
+            f"regime.targets={targets!r} matches no linear layer or ungrouped convolution of {type(model).__name__}; "
+            f"use pointwise (the 1x1 convolutions) or a regular expression over its module names (e.g. "
+            f"'blocks\\.6\\..*')."
         )
     return names
 

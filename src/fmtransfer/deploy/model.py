@@ -143,15 +143,11 @@ def whole_backbone_model(run: FinishedRun, state: dict, backbone: nn.Module | No
     return model
 
 
-def lora_model(run: FinishedRun, state: dict, merged: bool = True) -> ImageClassifier:
-    """A LoRA run's model: the adapters injected as training injected them, the checkpoint loaded strictly, then
-    (``merged``) each adapter merged into its layer's weights, leaving a plain timm backbone."""
+def lora_model(run: FinishedRun, state: dict) -> ImageClassifier:
+    """A LoRA run's model: the adapters injected as training injected them, then the checkpoint loaded strictly."""
     regime = run.cfg.regime
     backbone = add_lora(run.spec.create()[0], regime.rank, regime.alpha, regime.dropout, regime.targets)
-    model = whole_backbone_model(run, state, backbone)
-    if merged:
-        merge_lora(backbone)
-    return model
+    return whole_backbone_model(run, state, backbone)
 
 
 def partial_model(run: FinishedRun, state: dict) -> ImageClassifier:
@@ -195,16 +191,24 @@ MODEL_BUILDERS: dict[str, Callable[[FinishedRun, dict], ImageClassifier]] = {
 }
 
 
+# Registry: regime -> how its model becomes plain layers for float32 use and export (LoRA: adapters merged into the
+# weights; the same function within 1e-4 in float32, while in bf16 the merged weights round differently, so a
+# run-precision model keeps them as trained).
+PLAIN_WEIGHTS: dict[str, Callable[[nn.Module], nn.Module]] = {"lora": merge_lora}
+
+
 def build_classifier(run: FinishedRun, run_precision: bool = True) -> ImageClassifier:
     """The run's model in eval mode, weights loaded weights-only and strictly.
 
     ``run_precision``: it computes as the run did (cached maps in the extraction precision, the rest in the training
     precision: bf16 autocast where the run used it; the run's memory layout), so it gives the run's own predictions;
-    otherwise in float32.
+    otherwise in float32, with plain layers (``PLAIN_WEIGHTS``: what ``make export`` writes).
     """
     if run.regime not in MODEL_BUILDERS:
         raise RunDirError(f"run={run.path}: regime {run.regime!r} cannot be rebuilt; known: {sorted(MODEL_BUILDERS)}.")
     model = MODEL_BUILDERS[run.regime](run, run.state_dict()).eval()
+    if not run_precision and run.regime in PLAIN_WEIGHTS:
+        PLAIN_WEIGHTS[run.regime](model)
     precision = run.precision if run_precision else {"training": "32-true", "extraction": "32-true"}
     for module in model.modules():
         if isinstance(module, (ImageClassifier, CachedLevels)):

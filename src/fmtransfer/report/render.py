@@ -290,6 +290,18 @@ def kept_features_table(results: dict, shots: str) -> list[list[str]] | None:
     return rows
 
 
+def auto_rgn_table(results: dict, shots: str) -> list[list[str]] | None:
+    """Auto-RGN's mean learning-rate multiplier of each block's tensors, per seed's final run (1: the tensors the
+    data pulled at hardest; the blocks surgical fine-tuning would pick)."""
+    runs = [r for r in results["runs"] if r["shots_per_class"] == shots and (r.get("tuned") or {}).get("auto_rgn")]
+    if not runs:
+        return None
+    rows = [["block", *(f"{r['regime']}, seed {r['seed']}" for r in runs)]]
+    for block in runs[0]["tuned"]["auto_rgn"]:
+        rows.append([block, *(f"{(r['tuned']['auto_rgn'].get(block) or 0.0):.3f}" for r in runs)])
+    return rows
+
+
 def selection_curves(results: dict, shots: str) -> dict[str, dict]:
     """Each regime's pooled out-of-fold validation loss by epoch for its chosen candidate (what chose its epoch)."""
     out = {}
@@ -435,11 +447,15 @@ def sections(results: dict) -> list[tuple[str, str]]:
 
 def optional_tables(results: dict, shots: str) -> list[tuple[str, list[list[str]]]]:
     """(title, rows) of the tables the results support: the winner's per-class scores, the sweeps' candidates,
-    the features a selecting head kept."""
+    the features a selecting head kept, the blocks Auto-RGN trained fastest."""
     tables = [
         (f"Per class: {results['verdict']['winner']} (test split, mean over seeds)", per_class_table(results)),
         (f"Sweeps ({shots} shots): every candidate on the same folds", sweep_table(results, shots)),
         (f"Features the selective head kept ({shots} shots, final runs)", kept_features_table(results, shots)),
+        (
+            f"Auto-RGN's mean learning-rate multiplier by block ({shots} shots, final runs)",
+            auto_rgn_table(results, shots),
+        ),
     ]
     return [(title, rows) for title, rows in tables if rows]
 
