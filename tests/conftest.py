@@ -87,6 +87,21 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+def bare_trainer(max_epochs: int = 1, callbacks=()):
+    """A Lightning Trainer on the CPU with nothing around the fit: no logger, checkpoints, progress bar or summary."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+
+
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytorch_lightning as pl
 import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FrozenModule, describe_levels, parse_levels
 from fmtransfer.heads import HeadClassifier, LinearProbeHead
 
-from .conftest import digits_images
+from .conftest import bare_trainer, digits_images
 
 
 def test_frozen_backbone_is_unchanged_by_training():
@@ -36,15 +35,7 @@ def test_frozen_backbone_is_unchanged_by_training():
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
     head_before = head.classifier.weight.detach().clone()
 
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, loader)
+    bare_trainer(max_epochs=2).fit(module, loader)
 
     after = backbone.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]

@@ -16,6 +16,8 @@ from fmtransfer.regimes.live import PreLogitsOf
 from fmtransfer.regimes.partial import LivePrefix
 from fmtransfer.training import PeakMemory, validation_interval
 
+from .conftest import bare_trainer
+
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
 def test_suffix_of_the_prefix_output_is_the_whole_network(name):
@@ -57,14 +59,7 @@ def test_live_prefix_stays_frozen_while_the_suffix_trains():
 
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 3, (8,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(module, loader)
+    bare_trainer().fit(module, loader)
     after = prefix.state_dict()
     assert all(torch.equal(prefix_before[k], after[k]) for k in prefix_before), "prefix (incl. BN buffers) changed"
     assert any(not torch.equal(suffix_before[k], v) for k, v in suffix.state_dict().items()), "suffix did not train"

@@ -7,7 +7,6 @@ import copy
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -17,6 +16,8 @@ from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier, LinearProbeHead
 from fmtransfer.regimes.efficient import BitFitRegime, LoraRegime, SurgicalRegime
 from fmtransfer.training import RelativeGradNormLR
+
+from .conftest import bare_trainer
 
 SETTINGS = dict(
     lp_ft=True,
@@ -56,15 +57,7 @@ def _trained_names(regime, spec) -> tuple[set[str], set[str]]:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     callbacks = [RelativeGradNormLR()] if regime.auto_rgn() else []
     features.train()
-    pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    ).fit(module, loader)
+    bare_trainer(callbacks=callbacks).fit(module, loader)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     marked = {n for n, p in model.named_parameters() if p.requires_grad}
