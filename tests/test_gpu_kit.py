@@ -15,8 +15,9 @@ from fmtransfer.backbone import FeatureMapExtractor, describe_backbone, parse_le
 from fmtransfer.cache import CacheSpec, map_shapes
 from fmtransfer.cli.gpu_report import plan_text
 from fmtransfer.errors import FmtransferError
+from fmtransfer.gpu_kit.device import compare_job
 from fmtransfer.gpu_kit.pack import compact_dataset, resize_size
-from fmtransfer.gpu_kit.stages import DEVICE_STAGES, device_command
+from fmtransfer.gpu_kit.stages import DEVICE_STAGES, EXPERIMENTS, device_command
 from fmtransfer.gpu_kit.unpack import device_slug, replace_section, unpack
 
 from .conftest import ROOT, shared_dataset
@@ -29,6 +30,19 @@ def test_plan_names_every_device_stage_its_command_and_carried_data():
         for dataset in stage.datasets:
             assert f".gpu-kit/data/{dataset}" in plan
     assert "STAGE=pack" in plan and "STAGE=unpack FILE=" in plan and "STAGE=rehearse" in plan
+
+
+def test_only_the_stage_that_runs_lora_carries_peft_s_wheels(tmp_path):
+    """peft and what it imports travel in wheels-extra/, carried by the parameter-efficient stage alone (with them
+    and three datasets one call would carry 78 MiB); its comparison asks for those regimes under its own name."""
+    efficient = DEVICE_STAGES["hymenoptera-efficient"]
+    assert efficient.packages == ("peft", "transformers", "accelerate")
+    assert "wheels-extra" in efficient.carried() and efficient.datasets == ("hymenoptera",)
+    assert all("wheels-extra" not in s.carried() for name, s in DEVICE_STAGES.items() if name != efficient.name)
+    command = compare_job(EXPERIMENTS["hymenoptera-efficient"], tmp_path, tmp_path / "w", 60, []).command
+    assert "experiment=hymenoptera" in command and "compare.name=hymenoptera-efficient" in command
+    assert "compare.regimes=[frozen,bitfit,lora,surgical]" in command
+    assert ".gpu-kit/wheels-extra" in plan_text()
 
 
 @pytest.mark.parametrize(

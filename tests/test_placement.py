@@ -158,7 +158,13 @@ def test_channels_last_extraction_and_partial_training_end_to_end(tmp_path, tiny
 
     runs = {}
     for layout in ("true", "false"):
-        overrides = [*tiny_overrides, f"cache.dir={tmp_path / layout}", f"trainer.channels_last={layout}"]
+        # fp32 on every CPU: the layouts are compared, not bf16's rounding (on native-bf16 CPUs auto picks bf16)
+        overrides = [
+            *tiny_overrides,
+            f"cache.dir={tmp_path / layout}",
+            f"trainer.channels_last={layout}",
+            "trainer.precision=32-true",
+        ]
         runs[layout] = run_regime(compose_config(overrides), tmp_path / f"frozen-{layout}")
     for split, path in runs["true"]["cache"]["entries"].items():
         nhwc, nchw = (
@@ -174,6 +180,7 @@ def test_channels_last_extraction_and_partial_training_end_to_end(tmp_path, tiny
         *tiny_overrides,
         f"cache.dir={tmp_path / 'true'}",
         "trainer.channels_last=true",
+        "trainer.precision=32-true",  # the NHWC cache above
         "regime=partial",
         "regime.epochs=1",
         "regime.min_steps=2",

@@ -14,12 +14,10 @@ from fmtransfer.cli.common import quiet_libraries, user_errors
 from fmtransfer.errors import FmtransferError
 from fmtransfer.gpu_kit.stages import (
     CALL_LIMIT_MIB,
-    DATA,
     DEADLINE_S,
     DEVICE_STAGES,
     KIT_DIR,
     LOCAL_STAGES,
-    WHEELS,
     device_command,
 )
 
@@ -35,7 +33,7 @@ def plan_text() -> str:
         "here   make gpu-report STAGE=pack      wheels + compact datasets -> .gpu-kit/ (ignored; checks 64 MiB)",
     ]
     for stage in DEVICE_STAGES.values():
-        carries = [f"{KIT_DIR}/kit.json", f"{KIT_DIR}/{WHEELS}", *(f"{KIT_DIR}/{DATA}/{d}" for d in stage.datasets)]
+        carries = [f"{KIT_DIR}/{path}" for path in stage.carried()]
         lines += [
             f"device {stage.name}: {stage.why}; ~{stage.expected_minutes:g} min (deadline {DEADLINE_S} s)",
             f"         run(command='{device_command(stage.name)}', carry={carries}, timeout_s=600)",
@@ -69,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
             print(plan_text())
         elif args.stage == "pack":
             from fmtransfer.gpu_kit.pack import pack
-            from fmtransfer.gpu_kit.stages import EXPERIMENTS
+            from fmtransfer.gpu_kit.stages import DATASETS
 
-            names = list(EXPERIMENTS) if args.datasets == "all" else [d for d in args.datasets.split(",") if d]
+            names = list(DATASETS) if args.datasets == "all" else [d for d in args.datasets.split(",") if d]
             manifest = pack(ROOT, SHARED, names, kit=args.kit)
             print(json.dumps({k: manifest[k] for k in ("commit", "wheels", "datasets")}, indent=2))
             print(f"kit: {args.kit} ({manifest['call_bytes'] / 2**20:.1f} MiB per call with the tracked files)")

@@ -118,7 +118,7 @@ def compare_job(experiment: Experiment, kit: Path, work: Path, budget_s: float, 
         sys.executable,
         "-m",
         "fmtransfer.cli.compare",
-        f"experiment={experiment.name}",
+        *experiment.arguments,
         "compare.preset=full",
         f"paths.shared_datasets={(kit / DATA).resolve()}",
         f"compare.out_dir={work.parent / 'compare'}",  # shared by stages: a rerun on a warm machine resumes

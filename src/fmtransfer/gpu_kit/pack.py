@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fmtransfer.errors import FmtransferError
-from fmtransfer.gpu_kit.stages import CALL_LIMIT_MIB, DATA, KIT_DIR, WHEELS
+from fmtransfer.gpu_kit.stages import CALL_LIMIT_MIB, DATA, DEVICE_STAGES, EXTRA_WHEELS, KIT_DIR, WHEELS
 from fmtransfer.report.environment import git_commit
 
 # What the device image lacks (its Python has torch, timm, Lightning, torchmetrics, pyarrow, pandas, scikit-learn,
@@ -156,6 +156,9 @@ def compact_dataset(src: Path, dest: Path, short_side: int, per_class: int | Non
 
 
 def folder_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a file: its size; missing: 0)."""
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -176,19 +179,31 @@ def pack(
     per_class: int | None = None,
     kit: Path | None = None,
     python: str = DEVICE_PYTHON,
+    extras: bool = True,
 ) -> dict:
-    """Build ``<root>/.gpu-kit`` (or ``kit``): wheels for CPython ``python`` + compact datasets + ``kit.json``;
-    checks the 64 MiB limit."""
+    """Build ``<root>/.gpu-kit`` (or ``kit``): wheels for CPython ``python`` (with ``extras``, also those only some
+    stages need, in their own folder) + compact datasets + ``kit.json``; checks that each device stage's call stays
+    under the 64 MiB limit."""
     kit = kit or root / KIT_DIR
     kit.mkdir(parents=True, exist_ok=True)
     wheels = download_wheels(pinned_requirements(), kit / WHEELS, python)
+    packages = dict.fromkeys(p for s in DEVICE_STAGES.values() for p in s.packages) if extras else {}
+    if packages:
+        wheels += download_wheels(pinned_requirements(packages), kit / EXTRA_WHEELS, python)
     short_side = resize_size(backbone)
     data = {}
     for name in datasets:
         log.info(f"{name}: compact copy (shorter side <= {short_side} px, JPEG q{JPEG_QUALITY})")
         data[name] = compact_dataset(shared / name, kit / DATA / name, short_side, per_class)
+    tracked = tracked_bytes(root)
+    # What one call of each stage packed for carries (kit.json, written below, is a few hundred bytes).
+    calls = {
+        name: tracked + sum(folder_bytes(kit / path) for path in stage.carried())
+        for name, stage in DEVICE_STAGES.items()
+        if set(stage.datasets) <= set(data) and (extras or not stage.packages)
+    }
     kit_bytes = folder_bytes(kit)
-    total = kit_bytes + tracked_bytes(root)
+    total = max(calls.values(), default=tracked + kit_bytes)
     manifest = {
         "commit": git_commit(root),
         "wheels": [w.name for w in wheels],
@@ -198,11 +213,13 @@ def pack(
         "tiny": per_class is not None,
         "kit_bytes": kit_bytes,
         "call_bytes": total,
+        "call_bytes_by_stage": calls,
     }
     (kit / "kit.json").write_text(json.dumps(manifest, indent=2))
     if total > CALL_LIMIT_MIB * 2**20:
+        worst = max(calls, key=calls.get) if calls else "every stage"
         raise FmtransferError(
-            f"pack: one call would carry {total / 2**20:.1f} MiB (kit {kit_bytes / 2**20:.1f} MiB + tracked files), "
+            f"pack: a call of stage {worst} would carry {total / 2**20:.1f} MiB (its kit paths + tracked files), "
             f"over the device tool's {CALL_LIMIT_MIB} MiB; pack fewer datasets (DATASETS=...) and run them in "
             "separate calls."
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 KIT_DIR = ".gpu-kit"  # ignored by git; carried to the device machine
 WHEELS = "wheels"
+EXTRA_WHEELS = "wheels-extra"  # wheels only some stages need, carried by those alone
 DATA = "data"
 CALL_LIMIT_MIB = 64  # the device tool's limit on what travels with one call (working tree + carried paths)
 DEADLINE_S = 540  # a device stage stops starting work after this many seconds (the call limit is 600)
@@ -18,10 +19,18 @@ DEADLINE_S = 540  # a device stage stops starting work after this many seconds (
 
 @dataclass(frozen=True)
 class Experiment:
-    """A comparison a stage runs: ``make compare ARGS="experiment=<name> compare.preset=full"``."""
+    """A comparison a stage runs: ``make compare ARGS="experiment=<config or name> compare.preset=full <overrides>"``,
+    its report laid out as ``reports/<name>-<gpu>/``."""
 
     name: str
     dataset: str  # folder under ../shared/datasets (and under the kit's data/)
+    config: str = ""  # configs/experiment/<config>.yaml ("": the name)
+    overrides: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()  # what it needs beyond the kit's own wheels (in EXTRA_WHEELS)
+
+    @property
+    def arguments(self) -> list[str]:
+        return [f"experiment={self.config or self.name}", *self.overrides]
 
 
 @dataclass(frozen=True)
@@ -36,17 +45,37 @@ class DeviceStage:
     why: str = ""
     experiments: tuple[Experiment, ...] = field(init=False)
     datasets: tuple[str, ...] = field(init=False)
+    packages: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "experiments", tuple(e for group in self.groups for e in group))
-        object.__setattr__(self, "datasets", tuple(e.dataset for e in self.experiments))
+        object.__setattr__(self, "datasets", tuple(dict.fromkeys(e.dataset for e in self.experiments)))
+        object.__setattr__(self, "packages", tuple(dict.fromkeys(p for e in self.experiments for p in e.packages)))
+
+    def carried(self) -> list[str]:
+        """The kit paths one call of this stage carries (relative to the kit folder)."""
+        return ["kit.json", WHEELS, *([EXTRA_WHEELS] if self.packages else []), *(f"{DATA}/{d}" for d in self.datasets)]
 
     @property
     def parallel(self) -> bool:
         return any(len(group) > 1 for group in self.groups)
 
 
-EXPERIMENTS = {name: Experiment(name, name) for name in ("hymenoptera", "uiuc_texture", "pneumoniamnist")}
+# regime=lora imports peft, which imports transformers and accelerate (the device image has their other needs).
+LORA_PACKAGES = ("peft", "transformers", "accelerate")
+EXPERIMENTS = {
+    **{name: Experiment(name, name) for name in ("hymenoptera", "uiuc_texture", "pneumoniamnist")},
+    # The regimes between frozen and full fine-tuning, in their own call: peft's wheels and three datasets do not fit
+    # in one call's 64 MiB (78 MiB measured).
+    "hymenoptera-efficient": Experiment(
+        "hymenoptera-efficient",
+        "hymenoptera",
+        config="hymenoptera",
+        overrides=("compare.regimes=[frozen,bitfit,lora,surgical]", "compare.name=hymenoptera-efficient"),
+        packages=LORA_PACKAGES,
+    ),
+}
+DATASETS = tuple(dict.fromkeys(e.dataset for e in EXPERIMENTS.values()))
 COMPARISON = "full-preset comparison"
 
 # Registry of device stages. Expected minutes: estimates for one H100/H200 (measured runs: docs/benchmarks.md).

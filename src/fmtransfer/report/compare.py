@@ -88,11 +88,17 @@ def decide(results: dict, metric: str) -> None:
     results["verdict"]["selection_test_gaps"] = selection_test_gaps(summary, results["verdict"], metric)
 
 
+def write_results(results: dict, report_dir: Path) -> None:
+    """``results.json``, compact (no indentation: 40-60 % smaller): committed reports travel with every GPU kit call,
+    which carries at most 64 MiB (``python -m json.tool results.json`` reads it indented)."""
+    (report_dir / "results.json").write_text(json.dumps(results, separators=(",", ":")))
+
+
 def rewrite_report(report_dir: Path, metric: str | None = None) -> None:
     """Recompute the verdict and re-render the report from an existing ``results.json`` (no run repeated)."""
     results = json.loads((report_dir / "results.json").read_text())
     decide(results, metric or results.get("verdict", {}).get("metric", "acc"))
-    (report_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_results(results, report_dir)
     write_report(results, report_dir)
 
 
@@ -121,6 +127,6 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
         "environment": describe_environment(root),
     }
     decide(results, cfg.compare.metric)
-    (report_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_results(results, report_dir)
     write_report(results, report_dir)
     return report_dir
