@@ -61,8 +61,10 @@ class DeviceStage:
         return any(len(group) > 1 for group in self.groups)
 
 
-# regime=lora imports peft, which imports transformers and accelerate (the device image has their other needs).
-LORA_PACKAGES = ("peft", "transformers", "accelerate")
+# regime=lora imports peft, which imports these (measured: sys.modules after importing what backbone/tuning.py uses);
+# the rest of what it imports (numpy, packaging, PyYAML, safetensors, huggingface-hub, tqdm, filelock, fsspec, jinja2)
+# comes with the device image's torch and timm, or with the kit's datasets.
+LORA_PACKAGES = ("peft", "transformers", "accelerate", "tokenizers", "regex", "psutil")
 EXPERIMENTS = {
     **{name: Experiment(name, name) for name in ("hymenoptera", "uiuc_texture", "pneumoniamnist")},
     # The regimes between frozen and full fine-tuning, in their own call: peft's wheels and three datasets do not fit
