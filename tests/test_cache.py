@@ -219,6 +219,36 @@ def test_corrupted_cache_file_is_detected_and_rebuilt(tmp_path, spec, model, dig
     assert result.split.level("level4").shape[0] == 30
 
 
+def test_checksums_are_computed_once_per_entry_and_again_when_a_file_changes(
+    tmp_path, spec, model, digits, monkeypatch
+):
+    """cache.verify=checksum: the first hit hashes every file and records sizes and mtimes (verified.json); later
+    hits hash nothing; a file rewritten in place (same size, new mtime) is hashed again and its damage found."""
+    import os
+
+    from fmtransfer.cache import store
+
+    cache = FeatureCache(tmp_path)
+    first, _ = build(cache, digits.splits["train"], spec, model)
+    hashed = []
+    real = store.file_checksum
+    monkeypatch.setattr(store, "file_checksum", lambda p: hashed.append(p.name) or real(p))
+    files = sorted(p.name for p in first.split.path.glob("*.npy"))
+    assert build(cache, digits.splits["train"], spec, model)[0].hit and sorted(hashed) == files
+    assert set(json.loads((first.split.path / "verified.json").read_text())) == set(files)
+    hashed.clear()
+    assert build(cache, digits.splits["train"], spec, model)[0].hit and hashed == [], "verified once: no re-hash"
+    target = first.split.path / "level4.npy"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))  # touched, bytes intact
+    assert build(cache, digits.splits["train"], spec, model)[0].hit and hashed == ["level4.npy"]
+    hashed.clear()
+    raw = bytearray(target.read_bytes())
+    raw[-3] ^= 0xFF
+    target.write_bytes(bytes(raw))  # same size, new mtime: hashed again, damage found, rebuilt
+    result, calls = build(cache, digits.splits["train"], spec, model)
+    assert not result.hit and calls == [1] and "level4.npy" in hashed
+
+
 def test_two_concurrent_builders_extract_once(tmp_path, spec, model, digits):
     cache = FeatureCache(tmp_path)
     calls, results = [], []

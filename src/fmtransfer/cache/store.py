@@ -4,6 +4,7 @@ Layout::
 
     <root>/<backbone>/<split>-<key>/
         manifest.json      written last: an entry without it is incomplete and never read
+        verified.json      each file's size and mtime when its checksum last passed (cache.verify=checksum)
         labels.npy         int64 [N]
         <level>.npy        [N, C, H, W] (or [N, C]) float16/float32, one per cached level
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+VERIFIED = "verified.json"  # {file: [bytes, mtime_ns]} when the checksums last passed: unchanged files skip hashing
 LABELS = "labels"
 
 
@@ -131,16 +133,29 @@ class FeatureCache:
         return None
 
     def validate(self, path: Path, manifest: dict) -> str | None:
-        """``None`` if every file is present with its recorded size (and checksum); otherwise what is wrong."""
+        """``None`` if every file is present with its recorded size (and checksum); otherwise what is wrong.
+
+        Checksums are computed once per entry: after they pass, ``verified.json`` records each file's size and
+        mtime, and a later hit re-hashes only the files whose size or mtime changed since.
+        """
         files = [manifest["labels"], *manifest["levels"].values()]
+        stats = {}
         for f in files:
             p = path / f["file"]
             if not p.is_file():
                 return f"{f['file']} is missing"
-            if p.stat().st_size != f["file_bytes"]:
-                return f"{f['file']} has {p.stat().st_size} bytes, manifest says {f['file_bytes']}"
-            if self.verify == "checksum" and file_checksum(p) != f["checksum"]:
+            stat = p.stat()
+            if stat.st_size != f["file_bytes"]:
+                return f"{f['file']} has {stat.st_size} bytes, manifest says {f['file_bytes']}"
+            stats[f["file"]] = [stat.st_size, stat.st_mtime_ns]
+        if self.verify != "checksum":
+            return None
+        verified = read_verified(path)
+        for f in files:
+            if verified.get(f["file"]) != stats[f["file"]] and file_checksum(path / f["file"]) != f["checksum"]:
                 return f"{f['file']} does not match its checksum (corrupted after it was written)"
+        if verified != stats:
+            write_verified(path, stats)
         return None
 
     @staticmethod
@@ -180,6 +195,25 @@ class FeatureCache:
         final = self.entry_dir(backbone, split, key)
         partial = final.parent / f".partial-{split}-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         return CacheEntryWriter(partial, final)
+
+
+def read_verified(path: Path) -> dict:
+    """An entry's ``verified.json`` (``{}`` when absent or unreadable: everything is hashed)."""
+    try:
+        return json.loads((path / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_verified(path: Path, stats: dict) -> None:
+    """Record the verified files' size and mtime, atomically; a read-only cache just hashes again next time."""
+    tmp = path / f".{VERIFIED}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(stats))
+        tmp.replace(path / VERIFIED)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.debug(f"cannot record the verified checksums of {path}: {exc}")
 
 
 class CacheEntryWriter:
