@@ -188,3 +188,42 @@ def test_channels_last_extraction_and_partial_training_end_to_end(tmp_path, tiny
     metrics = run_regime(compose_config(overrides), tmp_path / "partial", callbacks=[layout])
     assert layout.weights_channels_last == {True}
     assert 0.0 <= metrics["test"]["acc"] <= 1.0 and metrics["epochs"] >= 1
+
+
+def test_depthwise_backward_in_float32_keeps_the_bf16_forward_and_computes_exact_float32_gradients():
+    """Under CPU bf16 autocast a swapped depthwise convolution (timm's TF "same"-padded one, stride 2) gives the
+    same bf16 output as autocast's, and the gradients a float32 convolution gives on the same bf16-rounded input and
+    incoming gradient (closer to them than autocast's bf16 backward); outside autocast, and its state dict,
+    unchanged."""
+    import copy
+
+    import timm
+    import torch.nn.functional as F
+    from timm.layers.padding import pad_same
+
+    from fmtransfer.backbone import depthwise_backward_in_float32
+
+    torch.manual_seed(0)
+    conv = timm.create_model("tf_efficientnet_lite0").blocks[1][0].conv_dw
+    assert conv.groups == conv.in_channels > 1 and conv.stride == (2, 2)
+    fast = depthwise_backward_in_float32(copy.deepcopy(conv))
+    assert list(fast.state_dict()) == list(conv.state_dict())
+    x = torch.randn(4, conv.in_channels, 28, 28).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.no_grad():
+        assert torch.equal(fast(x), conv(x)), "outside autocast: the module as it was"
+    with torch.autocast("cpu", torch.bfloat16):
+        slow_out, fast_out = conv(x), fast(x)
+    assert fast_out.dtype == torch.bfloat16 and torch.equal(fast_out, slow_out)
+    grad = torch.randn_like(slow_out)
+    slow = torch.autograd.grad(slow_out, [x, conv.weight], grad)
+    ours = torch.autograd.grad(fast_out, [x, fast.weight], grad)
+    rounded = x.detach().to(torch.bfloat16).float().requires_grad_(True)
+    weight = conv.weight.detach().clone().requires_grad_(True)
+    out = F.conv2d(
+        pad_same(rounded, conv.kernel_size, conv.stride, conv.dilation), weight, None, conv.stride, 0, 1, conv.groups
+    )
+    reference = torch.autograd.grad(out, [rounded, weight], grad.to(torch.bfloat16).float())
+    for mine, theirs, ref in zip(ours, slow, reference, strict=True):
+        assert mine.dtype == ref.dtype == torch.float32
+        assert torch.allclose(mine, ref, rtol=1e-5, atol=1e-5)
+        assert (mine - ref).abs().max() < (theirs.float() - ref).abs().max()

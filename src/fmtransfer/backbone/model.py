@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same
 from torch import nn
 
 from fmtransfer.backbone.weights import WeightsInfo, WeightsSource, load_weights, resolve_weights_source
@@ -161,6 +164,70 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     module.to(memory_format=torch.channels_last)
     if _inputs_channels_last not in module._forward_pre_hooks.values():
         module.register_forward_pre_hook(_inputs_channels_last)
+    return module
+
+
+class _ConvBf16Float32Backward(torch.autograd.Function):
+    """A convolution computed in bf16 (as CPU autocast computes it) whose backward runs in float32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x.to(torch.bfloat16), weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_dtype, ctx.bias_sizes = x.dtype, None if bias is None else list(bias.shape)
+        with torch.autocast("cpu", enabled=False):
+            b = None if bias is None else bias.to(torch.bfloat16)
+            return F.conv2d(x.to(torch.bfloat16), weight.to(torch.bfloat16), b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        wanted = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.bias_sizes is not None and ctx.needs_input_grad[2],
+        )
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad.float(), x.float(), weight.float(), ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+            wanted,
+        )  # fmt: skip
+        gx = gx.to(ctx.x_dtype) if gx is not None else None
+        return gx, gw, gb, None, None, None, None
+
+
+class _DepthwiseBackwardInFloat32:
+    """Mixed into a depthwise convolution's class: under CPU bf16 autocast its forward stays bf16 and its backward runs
+    in float32. oneDNN's bf16 depthwise backward is the slow op of a CPU training step (lite0, 224 px, batch 32, on an
+    AVX512-BF16 CPU: 1.17 s in bf16 against 0.32 s in float32 per step, while its forward costs the same in both;
+    docs/benchmarks.md); computing the whole convolution in float32 instead costs as much in casts as it saves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        if x.device.type != "cpu" or not bf16 or isinstance(self.padding, str) or self.padding_mode != "zeros":
+            return super().forward(x)
+        padding = self.padding
+        if isinstance(self, Conv2dSame):  # timm's TF-style "same" padding: pad as its forward does, then no padding
+            x, padding = pad_same(x, self.kernel_size, self.stride, self.dilation), (0, 0)
+        return _ConvBf16Float32Backward.apply(
+            x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups
+        )
+
+
+_FAST_BACKWARD_CLASSES: dict[type, type] = {}
+
+
+def depthwise_backward_in_float32(module: nn.Module) -> nn.Module:
+    """``module`` (in place) with every depthwise convolution's backward in float32 under CPU bf16 autocast (its class
+    swapped for a subclass: parameter names, checkpoints, forward outputs and everything outside CPU bf16 autocast
+    stay the same). Calling it again changes nothing."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and not isinstance(m, _DepthwiseBackwardInFloat32):
+            cls = type(m)
+            if cls not in _FAST_BACKWARD_CLASSES:
+                name = f"{cls.__name__}Float32Backward"
+                _FAST_BACKWARD_CLASSES[cls] = type(name, (_DepthwiseBackwardInFloat32, cls), {})
+            m.__class__ = _FAST_BACKWARD_CLASSES[cls]
     return module
 
 

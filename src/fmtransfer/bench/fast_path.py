@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fmtransfer.backbone import to_channels_last
+from fmtransfer.backbone import depthwise_backward_in_float32, to_channels_last
 from fmtransfer.bench.measure import (
     AUTOCAST_DTYPES,
     PredecodedImages,
@@ -40,7 +40,7 @@ def train_step_images_per_second(
     """Training throughput of the whole backbone + a linear head on ``pre_logits`` (forward, backward, AdamW step)
     under ``precision``'s autocast; the first step (allocation, kernel choice) is not timed. A copy of ``model`` is
     trained, every parameter trainable (extraction leaves the backbone frozen)."""
-    model = copy.deepcopy(model).requires_grad_(True).train()
+    model = depthwise_backward_in_float32(copy.deepcopy(model).requires_grad_(True).train())  # as training runs it
     head = nn.Linear(model.num_features, num_classes)
     params = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -14,7 +14,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fmtransfer.backbone import PRE_LOGITS, FeatureMapExtractor, FixedBatchNormStats, to_channels_last
+from fmtransfer.backbone import (
+    PRE_LOGITS,
+    FeatureMapExtractor,
+    FixedBatchNormStats,
+    depthwise_backward_in_float32,
+    to_channels_last,
+)
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_regularised_probe
 from fmtransfer.regimes.context import RunContext, start_run
 from fmtransfer.training import ImageDataModule, RelativeGradNormLR, TrainingTools, fit_select_test, reseed
@@ -59,10 +65,12 @@ class BackboneTraining:
     ) -> dict:
         """Train ``features`` (trainable backbone part, at ``backbone_lr``) and ``head``; select; test once.
 
-        ``trainer.channels_last`` runs the backbone part in NHWC layout.
+        ``trainer.channels_last`` runs the backbone part in NHWC layout; under CPU bf16 autocast its depthwise
+        convolutions' backward runs in float32 (``depthwise_backward_in_float32``).
         """
         if ctx.tools.placement.channels_last:
             to_channels_last(features)
+        depthwise_backward_in_float32(features)
         if self.fixed_bn_stats:
             features = FixedBatchNormStats(features)
         # Lightning keeps each module's mode at fit start, and backbones come in eval mode: set train mode explicitly
