@@ -172,12 +172,13 @@ class _ConvBf16Float32Backward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(x.to(torch.bfloat16), weight)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_dtype, ctx.bias_sizes = x.dtype, None if bias is None else list(bias.shape)
+        x = x.to(torch.bfloat16)
+        ctx.save_for_backward(x, weight)
         with torch.autocast("cpu", enabled=False):
             b = None if bias is None else bias.to(torch.bfloat16)
-            return F.conv2d(x.to(torch.bfloat16), weight.to(torch.bfloat16), b, stride, padding, dilation, groups)
+            return F.conv2d(x, weight.to(torch.bfloat16), b, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
