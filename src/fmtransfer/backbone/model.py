@@ -199,9 +199,8 @@ class _ConvBf16Float32Backward(torch.autograd.Function):
 
 class _DepthwiseBackwardInFloat32:
     """Mixed into a depthwise convolution's class: under CPU bf16 autocast its forward stays bf16 and its backward runs
-    in float32. oneDNN's bf16 depthwise backward is the slow op of a CPU training step (lite0, 224 px, batch 32, on an
-    AVX512-BF16 CPU: 1.17 s in bf16 against 0.32 s in float32 per step, while its forward costs the same in both;
-    docs/benchmarks.md); computing the whole convolution in float32 instead costs as much in casts as it saves."""
+    in float32, because oneDNN's bf16 depthwise backward is the slow op of a CPU training step while its forward costs
+    the same in both (docs/benchmarks.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

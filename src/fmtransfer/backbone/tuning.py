@@ -145,11 +145,17 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     The adapters start at zero (peft's default ``lora_B``), so the adapted model starts as the pretrained one.
     """
     from peft import inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
 
     model = inject_adapter_in_model(lora_config(model, rank, alpha, dropout, targets), model)
-    log.info(f"LoRA rank {rank} on {sum(isinstance(m, LoraLayer) for m in model.modules())} layers")
+    log.info(f"LoRA rank {rank} on {lora_layer_count(model)} layers")
     return model
+
+
+def lora_layer_count(model: nn.Module) -> int:
+    """How many of ``model``'s layers carry a LoRA adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

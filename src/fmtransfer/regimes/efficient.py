@@ -16,6 +16,7 @@ from fmtransfer.backbone.tuning import (
     add_lora,
     bias_and_norm_names,
     block_names,
+    lora_layer_count,
     norm_names,
     parameter_blocks,
     train_only,
@@ -55,10 +56,8 @@ class LoraRegime(FinetuneRegime):
         return add_lora(model, self.rank, self.alpha, self.dropout, self.targets)
 
     def tuned(self, model: nn.Module, results: dict) -> dict:
-        from peft.tuners.lora import LoraLayer
-
-        layers = sum(isinstance(m, LoraLayer) for m in model.modules())
-        return {"what": f"LoRA rank {self.rank} on {layers} layers", "backbone_params": _trainable_count(model)}
+        what = f"LoRA rank {self.rank} on {lora_layer_count(model)} layers"
+        return {"what": what, "backbone_params": _trainable_count(model)}
 
 
 @dataclass
