@@ -17,7 +17,8 @@ from fmtransfer.backbone import (
     parse_levels,
     resolve_data_config,
 )
-from fmtransfer.cache import CacheSpec, FeatureCache, ensure_feature_cache, pool_map
+from fmtransfer.cache import CacheSpec, FeatureCache, RowSource, ensure_feature_cache, pool_map
+from fmtransfer.cache import store
 from fmtransfer.data import prepare_data
 from fmtransfer.errors import CacheError
 
@@ -53,6 +54,7 @@ def build(
     builder=None,
     split_name="train",
     precision="32-true",
+    gather=None,
 ):
     data_config = resolve_data_config(spec.pretrained_cfg, size)
     chosen = parse_levels(list(levels), spec.levels)
@@ -75,6 +77,7 @@ def build(
         builder or default_builder,
         trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False, "precision": precision},
         batch_size=8,
+        gather=gather,
     )
     return result, calls
 
@@ -304,3 +307,92 @@ def test_a_bf16_extraction_is_its_own_entry_and_close_to_fp32(tmp_path, spec, mo
     a, b = fp32.split.load("pre_logits"), bf16.split.load("pre_logits")
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cosine.min() > 0.99, "bf16 autocast keeps the features' direction"
+
+
+def build_view(cache, base, rows, spec, model, digits, split_name="fold-validation"):
+    """An index view of ``rows`` of the entry ``base`` (a plain entry or a view), as a cross-validation fold is."""
+    split = digits.splits["train"].select(rows.tolist())
+    sources = [RowSource(base, np.asarray(rows), np.arange(len(rows)))]
+    return build(cache, split, spec, model, pool="none", split_name=split_name, gather=lambda: sources)
+
+
+def test_fold_entries_are_index_views_that_copy_no_maps_and_read_in_bounded_chunks(tmp_path, spec, model, digits):
+    """A fold's entry holds row indices only; reading it (whole, by chunks of cache.read_chunk_mb, pooled) gives its
+    base's rows; a view of a view reads the maps' entry; a view whose base is gone is discarded."""
+    from fmtransfer.heads.data import pooled_grids, pooled_level
+
+    cache = FeatureCache(tmp_path, read_chunk_mb=0.004)  # 4 KiB: one level1 row (24 x 8 x 8 float16) per chunk
+    base = build(cache, digits.splits["train"], spec, model, pool="none")[0].split
+    rows = np.random.default_rng(0).permutation(30)[:17]
+    result, calls = build_view(cache, base, rows, spec, model, digits)
+    view = result.split
+    assert view.is_view and calls == [] and view.manifest["view"]["sources"] == [base.path.name]
+    assert sorted(p.name for p in view.path.iterdir()) == ["labels.npy", "manifest.json", "rows.npy", "used"]
+    assert view.labels().tolist() == base.labels()[rows].tolist()
+    pieces = list(view.chunks("level1"))
+    assert len(pieces) == 17 and all(len(chunk) == 1 for _, chunk in pieces)
+    for name in base.level_names:
+        expected = base.load(name)[rows]
+        assert view.shape(name) == expected.shape and view.dtype(name) == expected.dtype
+        assert np.array_equal(view.load(name), expected) and np.array_equal(view.read_rows(name, 3, 9), expected[3:9])
+        assert np.array_equal(np.concatenate([c for _, c in view.chunks(name)]), expected)
+    np.testing.assert_array_equal(pooled_level(view, "level1"), base.load("level1")[rows].astype(np.float32).mean((2, 3)))
+    grids = pooled_grids(view, "level1", (1, 2))
+    assert {k: tuple(v.shape) for k, v in grids.items()} == {"level1": (17, 24), "level1@2x2": (17, 96)}
+    # A view of the view points at the maps' entry, not at the view.
+    inner = np.array([16, 0, 5])
+    nested, _ = build_view(cache, view, inner, spec, model, digits, split_name="fold-train")
+    assert nested.split.manifest["view"]["sources"] == [base.path.name]
+    assert np.array_equal(nested.split.load("level4"), base.load("level4")[rows[inner]])
+    # Found again without gathering; discarded once its base is gone.
+    again, _ = build_view(cache, base, rows, spec, model, digits)
+    assert again.hit and again.split.path == view.path
+    store.shutil.rmtree(base.path)
+    parts = view.manifest["parts"]
+    assert cache.find(BACKBONE, "fold-validation", parts, ["level1"]) is None and not view.path.exists()
+
+
+def test_eviction_removes_least_recently_used_entries_predictions_first_never_locked_or_kept(
+    tmp_path, spec, model, digits, monkeypatch, caplog
+):
+    import os
+
+    with pytest.raises(CacheError, match=r"cache.max_gb=0 must be a positive size"):
+        FeatureCache(tmp_path, max_gb=0)
+    cache = FeatureCache(tmp_path)
+    train = digits.splits["train"]
+    old = build(cache, train, spec, model, pool="none")[0].split
+    view = build_view(cache, old, np.arange(10), spec, model, digits)[0].split
+    newer = build(cache, train.select(range(20)), spec, model, pool="none", split_name="validation")[0].split
+    predicted = build(cache, train.select(range(25)), spec, model, pool="none", split_name="predict")[0].split
+    for age, entry in enumerate([predicted, newer, view, old]):  # predict-* the most recently used
+        os.utime(entry.path / store.USED, (time.time() - 100 * age,) * 2)
+    monkeypatch.setattr(store, "_IN_USE", set())  # a later process: nothing of these is in use
+    size = {e.path: store.folder_size(e.path) for e in (old, view, newer, predicted)}
+    assert size[view.path] < 0.05 * size[old.path], "a view is its row index, not a copy"
+
+    limited = FeatureCache(tmp_path, max_gb=(size[newer.path] + size[view.path] / 2) / 2**30)
+    assert limited.evict() == [predicted.path, old.path, view.path], "predictions first, then the oldest + its view"
+    assert [p.name for p in limited.entries()] == [newer.path.name]
+    tiny = FeatureCache(tmp_path, max_gb=1e-9)
+    key = newer.path.name.removeprefix("validation-")
+    with tiny.lock(BACKBONE, "validation", key), caplog.at_level("WARNING"):
+        assert tiny.evict() == [], "an entry being built (locked) is never removed"
+    assert "over cache.max_gb" in caplog.text
+    assert tiny.evict(keep={newer.path}) == [] and tiny.evict() == [newer.path]
+
+
+@pytest.mark.parametrize("damage, message", [(1e6, "overflow float16.*cache.dtype=float32"), (float("nan"), "NaN")])
+def test_non_finite_or_overflowing_maps_are_an_error_naming_the_level(tmp_path, spec, model, digits, damage, message):
+    import copy
+
+    import torch
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.blocks[1][-1].bn3.weight.mul_(damage)  # level1 is blocks.1, whose last layer has no activation
+    cache = FeatureCache(tmp_path)
+    chosen = parse_levels(["level1", "pre_logits"], spec.levels)
+    with pytest.raises(CacheError, match=f"level 'level1'.*{message}"):
+        build(cache, digits.splits["train"], spec, model, levels=("level1", "pre_logits"), builder=lambda: FeatureMapExtractor(broken, chosen))
+    assert cache.entries() == [] and not list(tmp_path.glob("*/.partial-*")), "nothing was cached"

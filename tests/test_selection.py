@@ -77,7 +77,7 @@ def test_fold_run_gathers_cached_maps_and_skips_test_refit_trains_on_the_pool(tm
     entries = fold["cache"]["entries"]
     for split in ("train", "validation"):
         manifest = json.loads((Path(entries[split]) / "manifest.json").read_text())
-        assert manifest["gathered_from"] == [plain["cache"]["entries"]["train"]], split
+        assert manifest["view"]["sources"] == [Path(plain["cache"]["entries"]["train"]).name], split
         assert manifest["extract_seconds"] > 0, "the gathered rows' share of the extraction time"
     assert entries["test"] == plain["cache"]["entries"]["test"]
     # The gathered rows are the base rows.

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -70,11 +71,32 @@ class FeatureExtractionModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = self.extractor(images)
         dtype = torch.float16 if self.spec.dtype == "float16" else torch.float32
-        return {k: pool_map(v.float(), self.spec.pool, self.spec.pool_size).to(dtype) for k, v in maps.items()}
+        out = {}
+        for name, value in maps.items():
+            pooled = pool_map(value.float(), self.spec.pool, self.spec.pool_size)
+            out[name] = checked_map(name, pooled, pooled.to(dtype))
+        return out
 
     def predict_step(self, batch, batch_idx: int):
         images, labels, indices = batch
         return {"maps": self(images), "labels": labels, "indices": indices}
+
+
+def checked_map(level: str, computed: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """``stored`` (``computed`` in the cache's dtype) if every value is finite; otherwise a ``CacheError`` naming the
+    level and whether the backbone produced NaN/inf or the cast to float16 overflowed."""
+    if bool(torch.isfinite(stored).all()):
+        return stored
+    if not bool(torch.isfinite(computed).all()):
+        raise CacheError(
+            f"level {level!r}: the backbone produced NaN or infinite values; check the images and the backbone's "
+            f"weights (nothing was cached)."
+        )
+    peak = float(computed.abs().max())
+    raise CacheError(
+        f"level {level!r}: values up to {peak:.4g} overflow float16 (largest {torch.finfo(torch.float16).max:g}); "
+        f"set cache.dtype=float32 (nothing was cached)."
+    )
 
 
 class FeatureMapWriter(BasePredictionWriter):
@@ -240,7 +262,10 @@ def ensure_feature_cache(
         if writer is not None:
             remove_shards(shards)
     if writer is not None:  # rank 0 / the only process: what it just published, without re-hashing it
-        return CacheResult(CachedSplit(path, FeatureCache.read_manifest(path)), hit=False, extract_seconds=seconds)
+        cache.evict(keep={path})
+        return CacheResult(
+            CachedSplit(path, FeatureCache.read_manifest(path), cache.read_chunk_mb), hit=False, extract_seconds=seconds
+        )
     found = cache.find(backbone_name, split_name, parts, names)
     if found is None:
         raise CacheError(f"the cache entry {final} was not published (see rank 0's error).")
@@ -262,41 +287,55 @@ class RowSource:
 def gather_entry(
     writer: CacheEntryWriter, manifest: dict, num_samples: int, class_names: Sequence[str], sources: Sequence[RowSource]
 ) -> CacheResult:
-    """Publish an entry whose rows are copied from other entries (same backbone, levels and preprocessing).
+    """Publish an index view: an entry whose rows are rows of other entries (same backbone, levels and
+    preprocessing), read from them when it is read; no map is copied.
 
-    Its ``extract_seconds`` is the sources' extraction time in proportion to the rows taken: what extracting these
-    images cost, so a run's cost does not depend on whether its maps were gathered or extracted.
+    A source that is itself a view is looked through, so a view's rows always point at entries that hold maps. Its
+    ``extract_seconds`` is the sources' extraction time in proportion to the rows taken: what extracting these images
+    cost, so a run's cost does not depend on whether its maps were gathered or extracted.
     """
     start = time.perf_counter()
-    first = sources[0].entry.manifest
-    levels = first["levels"]
-    shapes = {name: tuple(rec["shape"]) for name, rec in levels.items()}
-    dtype = DTYPES[next(iter(levels.values()))["dtype"]]
+    plain: dict[Path, CachedSplit] = {}
+    table = np.full((num_samples, 2), -1, dtype=np.int64)
+    labels = np.full(num_samples, -1, dtype=np.int64)
+    seconds = 0.0
+    for src in sources:
+        labels[src.rows] = src.entry.labels()[src.source_rows]
+        seconds += float(src.entry.manifest.get("extract_seconds") or 0.0) * len(src.rows) / max(1, src.entry.num_samples)
+        if src.entry.is_view:
+            inner = src.entry.view_rows()[src.source_rows]
+            pieces = [(entry, inner[:, 0] == k) for k, entry in enumerate(src.entry.sources())]
+            pieces = [(entry, src.rows[m], inner[m, 1]) for entry, m in pieces]
+        else:
+            pieces = [(src.entry, src.rows, src.source_rows)]
+        for entry, rows, source_rows in pieces:
+            if entry.path.parent != writer.final.parent:
+                raise CacheError(f"a view's rows must come from entries beside it; {entry.path} is not in {writer.final.parent}.")
+            table[rows, 0] = list(plain).index(entry.path) if entry.path in plain else len(plain)
+            table[rows, 1] = source_rows
+            plain.setdefault(entry.path, entry)
+    if (table[:, 0] < 0).any():
+        raise CacheError(f"{int((table[:, 0] < 0).sum())} of {num_samples} rows of {writer.final.name} have no source.")
+    entries = list(plain.values())
+    levels = {n: rec for n, rec in entries[0].manifest["levels"].items() if all(n in e.manifest["levels"] for e in entries)}
     try:
-        writer.create(num_samples, shapes, dtype)
-        for src in sources:
-            labels = src.entry.labels()[src.source_rows]
-            writer.write(src.rows, labels, {name: src.entry.load(name)[src.source_rows] for name in shapes})
-        seconds = sum(
-            float(s.entry.manifest.get("extract_seconds") or 0.0) * len(s.source_rows) / max(1, s.entry.num_samples)
-            for s in sources
-        )
+        writer.create_view(labels, table)
         path = writer.publish(
             {
                 **manifest,
                 "num_samples": num_samples,
                 "class_names": list(class_names),
                 "levels": {n: {k: v for k, v in rec.items() if k not in FILE_KEYS} for n, rec in levels.items()},
+                "view": {"sources": [e.path.name for e in entries], "fingerprints": [e.manifest["fingerprint"] for e in entries]},
                 "created": now_iso(),
                 "extract_seconds": round(seconds, 3),
-                "gathered_from": sorted({str(s.entry.path) for s in sources}),
                 "gather_seconds": round(time.perf_counter() - start, 3),
             }
         )
     except BaseException:
         writer.abort()
         raise
-    return CacheResult(CachedSplit(path, FeatureCache.read_manifest(path)), hit=False, extract_seconds=0.0)
+    return CacheResult(CachedSplit.open(path, entries[0].read_chunk_mb), hit=False, extract_seconds=0.0)
 
 
 def extraction_manifest(

@@ -86,7 +86,7 @@ def frozen_probabilities(run: FinishedRun, images: Dataset, batch_size: int, num
     c = run.cfg.cache
     spec = CacheSpec(tuple(levels), c.dtype, c.pool, c.pool_size)
     result = ensure_feature_cache(
-        FeatureCache(c.dir, c.verify),
+        FeatureCache.from_config(c),
         PREDICT_SPLIT,
         images,
         run.class_names,

@@ -17,27 +17,23 @@ from torch.utils.data import DataLoader, Dataset
 from fmtransfer.cache import CachedSplit
 from fmtransfer.heads.grids import grid_features
 
-POOL_CHUNK = 4096
-
-
 def pooled_level(split: CachedSplit, level: str) -> torch.Tensor:
-    """One level as float32 ``[N, C]``: spatial maps are averaged over H, W in chunks (bounded memory)."""
-    arr = split.level(level)
-    if arr.ndim == 2:
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32))
-    out = np.empty(arr.shape[:2], dtype=np.float32)
-    for start in range(0, len(arr), POOL_CHUNK):
-        out[start : start + POOL_CHUNK] = arr[start : start + POOL_CHUNK].astype(np.float32).mean(axis=(2, 3))
+    """One level as float32 ``[N, C]``: spatial maps are averaged over H, W chunk by chunk (``cache.read_chunk_mb``)."""
+    shape = split.shape(level)
+    out = np.empty(shape[:2], dtype=np.float32)
+    for start, chunk in split.chunks(level):
+        chunk = chunk.astype(np.float32)
+        out[start : start + len(chunk)] = chunk if chunk.ndim == 2 else chunk.mean(axis=(2, 3))
     return torch.from_numpy(out)
 
 
 def pooled_grids(split: CachedSplit, level: str, grids: Sequence[int]) -> dict[str, torch.Tensor]:
-    """One level pooled to each of its ``grids`` (``heads.grids``), in chunks (bounded memory)."""
-    arr = split.level(level)
+    """One level pooled to each of its ``grids`` (``heads.grids``), chunk by chunk (``cache.read_chunk_mb``)."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, max(len(arr), 1), POOL_CHUNK):  # an empty split still gets its (empty) groups
-        chunk = torch.from_numpy(np.asarray(arr[start : start + POOL_CHUNK], dtype=np.float32))
-        for name, x in grid_features({level: chunk}, grids).items():
+    shape = split.shape(level)
+    empty = [(0, np.empty((0, *shape[1:]), split.dtype(level)))]  # an empty split still gets its (empty) groups
+    for _, chunk in split.chunks(level) if shape[0] else empty:
+        for name, x in grid_features({level: torch.from_numpy(chunk.astype(np.float32))}, grids).items():
             parts.setdefault(name, []).append(x)
     return {name: torch.cat(xs) for name, xs in parts.items()}
 
@@ -131,8 +127,7 @@ class AugmentedViewsDataset(Dataset):
         labels = splits[0].labels()
         if any(not np.array_equal(s.labels(), labels) for s in splits[1:]):
             raise ValueError(f"the views {[str(s.path) for s in splits]} are not of the same images")
-        first = splits[0].level(level)
-        views = np.empty((len(splits), *first.shape), dtype=first.dtype)
+        views = np.empty((len(splits), *splits[0].shape(level)), dtype=splits[0].dtype(level))
         for v, split in enumerate(splits):
             split.load(level, out=views[v])
         return cls(torch.from_numpy(views), torch.from_numpy(labels), seed)

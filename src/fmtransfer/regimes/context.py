@@ -118,7 +118,7 @@ class RunContext:
     def cache_splits(self, cache_spec: CacheSpec) -> dict[str, CacheResult]:
         """Every split's maps for ``cache_spec``, from the cache or extracted now (backbone built once, lazily)."""
         began = time.perf_counter()
-        cache = FeatureCache(self.cfg.cache.dir, self.cfg.cache.verify)
+        cache = FeatureCache.from_config(self.cfg.cache)
         build_extractor = self.lazy_extractor(cache_spec)
         results = {split: self.cache_split(cache, split, cache_spec, build_extractor) for split in SPLITS}
         # The test split's extraction is evaluation, not the cost of a model; a refit's validation is its train.
@@ -143,7 +143,7 @@ class RunContext:
         of a comparison trains on the same views.
         """
         began = time.perf_counter()
-        cache = FeatureCache(self.cfg.cache.dir, self.cfg.cache.verify)
+        cache = FeatureCache.from_config(self.cfg.cache)
         build_extractor = self.lazy_extractor(cache_spec)
         augment = build_train_transform(self.data_config, self.train_augment)
         results = [

@@ -219,10 +219,7 @@ def depth_curve(records: list[dict]) -> dict | None:
     for run_dir in candidates[0]["run_dirs"]:
         metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
         entries = metrics["cache"]["entries"]
-        splits = {
-            s: CachedSplit(Path(entries[s]), json.loads((Path(entries[s]) / "manifest.json").read_text()))
-            for s in ("train", "validation")
-        }
+        splits = {s: CachedSplit.open(entries[s]) for s in ("train", "validation")}
         n = splits["validation"].num_samples
         for level, acc in transfer_by_depth(splits["train"], splits["validation"]).items():
             correct[level] = correct.get(level, 0.0) + acc * n
