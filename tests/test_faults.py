@@ -62,16 +62,14 @@ def test_disk_full_during_write_is_a_clear_error_and_publishes_nothing(tmp_path,
     cache = FeatureCache(tmp_path)
     writer = cache.writer("bb", "train", "k")
     writer.create(4, {"level0": (3, 2, 2)}, np.float16)
-    arrays = writer.arrays
 
-    class FullDisk(dict):
-        def __getitem__(self, key):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    writer.arrays = FullDisk(arrays)
+    monkeypatch.setattr(os, "pwrite", full_disk)
     with pytest.raises(CacheError, match="No space left on device"):
         writer.write(np.arange(4), np.zeros(4), {"level0": np.zeros((4, 3, 2, 2))})
-    writer.arrays = arrays
+    monkeypatch.undo()
     with pytest.raises(CacheError, match="wrote 0 of 4 samples"):
         writer.publish({"levels": {"level0": {}}})
     writer.abort()

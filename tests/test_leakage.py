@@ -104,3 +104,38 @@ def test_the_report_states_the_leakage_check():
     assert "kept (the numbers include them)" in leakage_text({**found, "dedupe": "off", "dropped": {}})
     assert "no held-out image is a copy" in leakage_text({**found, "exact": 0, "near": 0, "dropped": {}})
     assert "off" in leakage_text(None)
+
+
+def test_the_faiss_index_finds_the_pairs_the_dense_search_finds():
+    """Thumbnail-like unit vectors (smooth random images) with planted near copies (correlation ~0.995) and decoys
+    just below the threshold (~0.98): the indexed search returns exactly the dense search's pairs and scores."""
+    import pytest
+
+    from fmtransfer.data.leakage import ThumbnailRows, search_mode, similar_pairs
+    from fmtransfer.errors import ConfigError
+
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra (fmtransfer[scale])")
+    rng = np.random.default_rng(0)
+    smooth = rng.normal(size=(6000, 8, 8)).repeat(4, 1).repeat(4, 2).reshape(6000, -1)
+
+    def unit(x):
+        x = x - x.mean(1, keepdims=True)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    references = unit(smooth[:5000] + 0.3 * rng.normal(size=(5000, 1024)))
+    planted = rng.permutation(5000)[:60]
+    noise = unit(rng.normal(size=(60, 1024)))
+    near = unit(references[planted] + 0.1 * noise)  # correlation ~0.995
+    decoy = unit(references[planted[:20]] + 0.2 * noise[:20])  # ~0.98: below the threshold
+    queries = np.concatenate([unit(smooth[5000:] + 0.3 * rng.normal(size=(1000, 1024))), near, decoy])
+    dense = similar_pairs(queries, references, DEFAULT_THRESHOLD, "dense")
+    assert sorted((r, c) for r, c, _ in dense) == [(1000 + k, int(p)) for k, p in enumerate(planted)]
+    on_disk = ThumbnailRows(len(references))  # how a large split's thumbnails are kept
+    on_disk.write(0, references)
+    assert np.array_equal(on_disk.take(np.array([7, 3, 7, 4])), references[[7, 3, 7, 4]])
+    indexed = similar_pairs(queries, on_disk, DEFAULT_THRESHOLD, "faiss")
+    assert [(r, c) for r, c, _ in indexed] == [(r, c) for r, c, _ in dense]
+    assert np.allclose([s for *_, s in indexed], [s for *_, s in dense], atol=1e-5)
+    assert search_mode("auto", 9_999) == "dense" and search_mode("auto", 10_000) == "faiss"
+    with pytest.raises(ConfigError, match="data.leakage.index=fast is not known"):
+        search_mode("fast", 10)

@@ -112,7 +112,7 @@ def merge_shards(root: Path, world_size: int, writer: CacheEntryWriter) -> dict:
             ) from exc
         indices = np.load(folder / f"{INDICES}.npy")
         labels = np.load(folder / f"{LABELS}.npy")
-        arrays = {name: np.load(folder / f"{safe_name(name)}.npy", mmap_mode="r") for name in writer.arrays}
+        arrays = {name: np.load(folder / f"{safe_name(name)}.npy", mmap_mode="r") for name in writer.levels}
         for start in range(0, len(indices), MERGE_ROWS):
             rows = slice(start, min(start + MERGE_ROWS, len(indices)))  # level arrays may have an unused last row
             writer.write(indices[rows], labels[rows], {k: np.asarray(v[rows]) for k, v in arrays.items()})

@@ -457,24 +457,60 @@ def write_verified(path: Path, stats: dict) -> None:
         log.debug(f"cannot record the verified checksums of {path}: {exc}")
 
 
+class LevelFile:
+    """One level's ``.npy`` filled by positioned writes, not through a memory map: the pages written are the page
+    cache's, never this process's resident memory, however large the entry."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)  # header + (sparse) size
+        self.offset = header.offset
+        del header
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(shape[1:])
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """Rows ``values`` at ``indices``: each run of consecutive indices in one write."""
+        indices = np.asarray(indices, dtype=np.int64)
+        values = np.asarray(values, dtype=self.dtype).reshape(len(indices), *self.row_shape)
+        if len(indices) > 1 and (np.diff(indices) < 0).any():
+            order = np.argsort(indices, kind="stable")
+            indices, values = indices[order], values[order]
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        for rows, block in zip(np.split(indices, breaks), np.split(values, breaks), strict=True):
+            if len(rows):
+                data = memoryview(np.ascontiguousarray(block)).cast("B")
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self.fd, data[done:], self.offset + int(rows[0]) * self.row_bytes + done)
+
+    def close(self, sync: bool = False) -> None:
+        if self.fd >= 0:
+            try:
+                if sync:
+                    os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
 class CacheEntryWriter:
     """Builds one entry in a partial directory; ``publish`` verifies completeness and renames it into place."""
 
     def __init__(self, partial: Path, final: Path):
         self.partial = partial
         self.final = final
-        self.arrays: dict[str, np.memmap] = {}
+        self.levels: dict[str, LevelFile] = {}
         self.written: np.ndarray | None = None
         self.labels: np.ndarray | None = None
 
     def create(self, num_samples: int, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype) -> None:
-        """Pre-allocate one memory-mapped array per level (``shapes`` are per sample)."""
+        """Pre-allocate one array file per level (``shapes`` are per sample)."""
         try:
             self.partial.mkdir(parents=True)
             for name, shape in shapes.items():
-                self.arrays[name] = np.lib.format.open_memmap(
-                    self.partial / f"{safe_name(name)}.npy", mode="w+", dtype=dtype, shape=(num_samples, *shape)
-                )
+                self.levels[name] = LevelFile(self.partial / f"{safe_name(name)}.npy", (num_samples, *shape), dtype)
         except OSError as exc:
             self.abort()
             raise CacheError(f"cannot create cache files in {self.partial.parent}: {exc}") from exc
@@ -485,7 +521,7 @@ class CacheEntryWriter:
         """Store one batch at ``indices`` (order-free, so duplicate writes from padded samplers are harmless)."""
         try:
             for name, arr in maps.items():
-                self.arrays[name][indices] = arr
+                self.levels[name].write(indices, arr)
         except OSError as exc:
             raise CacheError(f"writing the feature cache in {self.partial} failed: {exc}") from exc
         self.labels[indices] = labels
@@ -512,9 +548,9 @@ class CacheEntryWriter:
             )
         try:
             np.save(self.partial / f"{LABELS}.npy", self.labels)
-            for arr in self.arrays.values():
-                arr.flush()
-            self.arrays.clear()  # close the memmaps before hashing and renaming
+            for level in self.levels.values():
+                level.close(sync=True)
+            self.levels.clear()  # closed before hashing and renaming
             manifest = dict(manifest, format_version=FORMAT_VERSION, complete=True)
             manifest["labels"] = self._file_record(f"{LABELS}.npy")
             if "view" in manifest:
@@ -541,7 +577,9 @@ class CacheEntryWriter:
         return self.final
 
     def abort(self) -> None:
-        self.arrays.clear()
+        for level in self.levels.values():
+            level.close()
+        self.levels.clear()
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def _file_record(self, filename: str) -> dict:

@@ -64,12 +64,14 @@ def prepare_data(
     cv: CrossValidation | None = None,
     leakage_threshold: float | None = DEFAULT_THRESHOLD,
     dedupe: str = "off",
+    leakage_index: str = "auto",
 ) -> PreparedData:
     """Load ``path`` and return train/validation/test splits; k-shot subsampling applies to train only.
 
     Every image is decoded once (remembered under ``cache_dir``) so unreadable files are reported up front, or
     skipped and recorded with ``skip_bad``. The leakage check (``leakage_threshold``; None: off) looks for copies of
-    training/validation images in the held-out splits before k-shot subsampling; ``dedupe`` drops them.
+    training/validation images in the held-out splits before k-shot subsampling (near copies searched as
+    ``leakage_index`` says: auto, dense, faiss); ``dedupe`` drops them.
     """
     dsd, source, notes = load_image_dataset(path, fmt, cache_dir, csv_columns)
     dsd, skipped = drop_bad_images(dsd, skip_bad, Path(cache_dir) / "image_scans" if cache_dir else None)
@@ -81,7 +83,8 @@ def prepare_data(
     notes += [f"{k} split {v}" for k, v in split_source.items() if v != "given"]
     leakage = None
     if leakage_threshold is not None:
-        leakage = cached_leakage(splits, leakage_threshold, Path(cache_dir) / "leakage" if cache_dir else None)
+        memo = Path(cache_dir) / "leakage" if cache_dir else None
+        leakage = cached_leakage(splits, leakage_threshold, memo, leakage_index)
         if leakage.pairs:
             notes.append(f"warning: {leakage.summary()} (data.dedupe={dedupe})")
         splits = DatasetDict(dedupe_splits(dict(splits), leakage, dedupe))
@@ -96,19 +99,23 @@ def prepare_data(
     if cv is None or (cv.fold is None and not cv.refit and not cv.given_validation):
         return prepared
     memo = Path(cache_dir) / "leakage" if cache_dir else None
-    return fold_splits(prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo))
+    return fold_splits(
+        prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo, leakage_index)
+    )
 
 
-def pool_groups(pool, threshold: float | None, memo_dir: Path | None) -> np.ndarray | None:
+def pool_groups(pool, threshold: float | None, memo_dir: Path | None, index: str = "auto") -> np.ndarray | None:
     """``duplicate_groups`` of the labelled pool (None when the leakage check is off), remembered under
     ``memo_dir`` by the pool's content fingerprint: every fold run of a comparison folds the same pool."""
     if threshold is None:
         return None
-    key = mapping_key({"pool": split_fingerprint(pool), "threshold": threshold, "what": "duplicate groups"})
+    key = mapping_key(
+        {"pool": split_fingerprint(pool), "threshold": threshold, "what": "duplicate groups", "index": index}
+    )
     memo = memo_dir / f"groups-{key}.npy" if memo_dir is not None else None
     if memo is not None and memo.is_file():
         return np.load(memo)
-    groups = duplicate_groups(pool, threshold)
+    groups = duplicate_groups(pool, threshold, index)
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -117,14 +124,15 @@ def pool_groups(pool, threshold: float | None, memo_dir: Path | None) -> np.ndar
     return groups
 
 
-def cached_leakage(splits: DatasetDict, threshold: float, memo_dir: Path | None) -> LeakageReport:
+def cached_leakage(splits: DatasetDict, threshold: float, memo_dir: Path | None, index: str = "auto") -> LeakageReport:
     """``find_leakage`` of these splits, remembered under ``memo_dir`` by their content fingerprints (every run of a
     comparison, and every cross-validation fold, prepares the same splits)."""
-    key = mapping_key({"splits": {n: split_fingerprint(ds) for n, ds in splits.items()}, "threshold": threshold})
+    fingerprints = {n: split_fingerprint(ds) for n, ds in splits.items()}
+    key = mapping_key({"splits": fingerprints, "threshold": threshold, "index": index})
     memo = memo_dir / f"{key}.json" if memo_dir is not None else None
     if memo is not None and memo.is_file():
         return LeakageReport.from_dict(json.loads(memo.read_text()))
-    report = find_leakage(splits, threshold)
+    report = find_leakage(splits, threshold, index)
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")

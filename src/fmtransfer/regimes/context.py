@@ -388,6 +388,7 @@ def load_data(cfg: DictConfig) -> PreparedData:
         cv=CrossValidation(**OmegaConf.to_container(d.cv)) if d.get("cv") else None,
         leakage_threshold=float(d.leakage.threshold) if d.get("leakage") and d.leakage.check else None,
         dedupe=str(d.get("dedupe") or "off"),
+        leakage_index=str(d.leakage.get("index") or "auto") if d.get("leakage") else "auto",
     )
 
 
