@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv train compare predict export bench gpu-report analyze notebook test lint format clean-cache clean
+.PHONY: help venv train compare predict export bench bench-scale gpu-report analyze notebook test lint format clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -39,6 +39,9 @@ export: $(STAMP)  ## a finished run as model.onnx + model.pt2, labels.json, prep
 
 bench: $(STAMP)  ## cache vs no-cache speed, side by side -> bench.json (see docs/benchmarks.md); ARGS="trainer=gpu ..."
 	$(PY) -m fmtransfer.cli.bench $(ARGS)
+
+bench-scale: $(STAMP)  ## 100k and 200k synthetic images through make train + a 3-fold compare: RSS, disk, time (not a test); ARGS="--sizes 20000"
+	$(PY) -m fmtransfer.bench.scale $(ARGS)
 
 STAGE ?= plan
 FILE ?=

@@ -1,0 +1,229 @@
+"""The scale benchmark (``make bench-scale``): seeded synthetic image folders of 100,000s of images with planted exact
+and near duplicates, run through ``make train`` (frozen) and a 3-fold frozen-only ``make compare``; peak RSS, cache
+disk and time of each, and the leakage check's indexed search against the dense one.
+
+Not a test: it takes minutes to hours and writes gigabytes. Its figures go in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CLASSES = 10
+COMPLETE = ".complete"  # written last: a folder without it is regenerated
+PLANTED = "planted.json"
+
+
+def synthetic_image(seed: int, index: int, size: int) -> tuple[int, Image.Image]:
+    """Image ``index`` of a seeded set and its class: a smooth random colour field of its own (what makes every image
+    distinct) over its class's faint grating (what a classifier can learn)."""
+    rng = np.random.default_rng([seed, index])
+    label = index % CLASSES
+    field = rng.normal(size=(6, 6, 3)).astype(np.float32)
+    coarse = Image.fromarray(np.uint8(np.clip(128 + 40 * field, 0, 255)), "RGB").resize((size, size), Image.BICUBIC)
+    y, x = np.mgrid[0:size, 0:size] / size
+    angle = np.pi * label / CLASSES
+    grating = 18 * np.sin(2 * np.pi * 4 * (x * np.cos(angle) + y * np.sin(angle)))
+    pixels = np.asarray(coarse, dtype=np.float32) + grating[..., None]
+    return label, Image.fromarray(np.uint8(np.clip(pixels, 0, 255)), "RGB")
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def near_copy(data: bytes) -> bytes:
+    """A near duplicate as docs/leakage.md measures one: resized to 90 % and re-saved at JPEG quality 85."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        small = image.resize((round(image.width * 0.9), round(image.height * 0.9)), Image.BICUBIC)
+    return jpeg_bytes(small, 85)
+
+
+def write_images(root: Path, seed: int, indices: range, size: int) -> None:
+    for i in indices:
+        label, image = synthetic_image(seed, i, size)
+        (root / f"class{label}" / f"{i:07d}.jpg").write_bytes(jpeg_bytes(image))
+
+
+def write_synthetic_dataset(
+    root: Path, n: int, size: int = 64, seed: int = 0, duplicates: float = 0.01, workers: int | None = None
+) -> dict:
+    """An ImageFolder of ``n`` images (``class<k>/<index>.jpg``): ``n`` distinct seeded images, of which a share
+    ``duplicates`` are then overwritten by copies of other images of their class (half exact byte copies, half near
+    copies). Returns the planted pairs ``{"exact": [[copy, original], ...], "near": [...]}`` (file names); a folder
+    already complete for the same arguments is reused."""
+    settings = {"n": n, "size": size, "seed": seed, "duplicates": duplicates}
+    if (root / COMPLETE).is_file() and json.loads((root / COMPLETE).read_text()) == settings:
+        return json.loads((root / PLANTED).read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    for k in range(CLASSES):
+        (root / f"class{k}").mkdir(parents=True)
+    workers = workers or len(os.sched_getaffinity(0))
+    step = -(-n // (workers * 8))
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(write_images, *zip(*[(root, seed, range(s, min(s + step, n)), size) for s in range(0, n, step)])))
+    rng = np.random.default_rng([seed, n])
+    copies = rng.permutation(n)[: int(round(n * duplicates))]
+    kept = np.setdiff1d(np.arange(n), copies)  # originals are never overwritten themselves
+    planted: dict[str, list[list[str]]] = {"exact": [], "near": []}
+    for k, copy in enumerate(copies.tolist()):
+        label = copy % CLASSES
+        same_class = kept[kept % CLASSES == label]
+        original = int(same_class[rng.integers(len(same_class))])
+        source = root / f"class{label}" / f"{original:07d}.jpg"
+        target = root / f"class{label}" / f"{copy:07d}.jpg"
+        kind = "exact" if k % 2 == 0 else "near"
+        target.write_bytes(source.read_bytes() if kind == "exact" else near_copy(source.read_bytes()))
+        planted[kind].append([target.name, source.name])
+    (root / PLANTED).write_text(json.dumps(planted))
+    (root / COMPLETE).write_text(json.dumps(settings))
+    return planted
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def measured(command: list[str], log_file: Path) -> dict:
+    """Run ``command`` under GNU time: its wall seconds and peak resident memory (MiB, the largest process)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as timing, log_file.open("w") as out:
+        began = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", timing.name, *command], stdout=out, stderr=out)
+        seconds = time.perf_counter() - began
+        peak_kib = int(Path(timing.name).read_text().split()[-1])
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}); its log: {log_file}")
+    return {"seconds": round(seconds, 1), "peak_rss_mib": round(peak_kib / 1024, 1)}
+
+
+def cache_entries(cache_dir: Path) -> dict:
+    """Cache entries and their bytes: ``{"entries", "views", "bytes"}``."""
+    entries = [p for p in cache_dir.glob("*/*") if p.is_dir() and not p.name.startswith(".")]
+    views = [p for p in entries if (p / "rows.npy").is_file()]
+    return {"entries": len(entries), "views": len(views), "bytes": folder_bytes(cache_dir)}
+
+
+def head_tensor_bytes(run_dir: Path) -> int:
+    """The frozen head's training tensors: the pooled float32 features of its levels for every training image."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = (run_dir / "config.yaml").read_text()
+    manifest = json.loads((Path(metrics["cache"]["entries"]["train"]) / "manifest.json").read_text())
+    levels = manifest["levels"]
+    wanted = [n for n in levels if f"- {n}" in config or "levels: all" in config]
+    channels = sum(levels[n]["shape"][0] for n in wanted or levels)
+    return int(metrics["split_sizes"]["train"]) * channels * 4
+
+
+def latest(folder: Path) -> Path:
+    return max((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+
+
+def scale_run(n: int, work: Path, size: int, python: str) -> dict:
+    """Generate ``n`` images, then ``make train`` (frozen) and a 3-fold frozen-only ``make compare`` on them."""
+    data = work / f"synthetic-{n}"
+    began = time.perf_counter()
+    write_synthetic_dataset(data, n, size)
+    generate_s = time.perf_counter() - began
+    data_dir = work / f"data-{n}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    common = [f"data.path={data}", f"data.image_size={size}", f"paths.data_dir={data_dir}", "trainer.progress_bar=false"]
+    train = measured(
+        [python, "-m", "fmtransfer.cli.train", *common, "regime=frozen", f"hydra.run.dir={data_dir}/train-run"],
+        work / f"train-{n}.log",
+    )
+    cache = data_dir / "cache"
+    after_train = cache_entries(cache)
+    head = head_tensor_bytes(data_dir / "train-run")
+    compare = measured(
+        [
+            python, "-m", "fmtransfer.cli.compare", *common, "compare.regimes=[frozen]", "compare.seeds=[0]",
+            "compare.shots=[all]", "compare.selection.folds=3", "compare.selection.min_scored=1000000000", "compare.preset=cpu",
+            'compare.sweep.frozen=[["head.name=multilayer","head.levels=all","head.lr=0.01"]]',
+            f"compare.out_dir={data_dir}/compare", "compare.name=scale", f"hydra.run.dir={data_dir}/compare-run",
+        ],
+        work / f"compare-{n}.log",
+    )  # fmt: skip
+    return {
+        "images": n,
+        "image_size": size,
+        "generate_s": round(generate_s, 1),
+        "dataset_bytes": folder_bytes(data),
+        "train": {**train, "head_tensor_mib": round(head / 2**20, 1), "cache": after_train},
+        "compare": {**compare, "cache": cache_entries(cache)},
+    }
+
+
+def leakage_run(n: int, work: Path, size: int) -> dict:
+    """The leakage check on ``n`` synthetic images (80 % / 20 % as reference / query splits), dense vs indexed."""
+    from datasets import load_dataset
+
+    from fmtransfer.data.leakage import find_leakage
+
+    data = work / f"synthetic-{n}"
+    planted = write_synthetic_dataset(data, n, size)
+    pool = load_dataset("imagefolder", data_dir=str(data), split="train", cache_dir=str(work / f"hf-{n}"))
+    order = np.random.default_rng(0).permutation(len(pool))
+    splits = {"train": pool.select(np.sort(order[len(pool) // 5 :])), "test": pool.select(np.sort(order[: len(pool) // 5]))}
+    out: dict = {"images": n, "references": len(splits["train"]), "queries": len(splits["test"])}
+    found = {}
+    for index in ("dense", "faiss"):
+        began = time.perf_counter()
+        report = find_leakage(splits, index=index)
+        out[f"{index}_s"] = round(time.perf_counter() - began, 2)
+        found[index] = {(p.kind, p.row, p.other_row) for p in report.pairs}
+        out[f"{index}_pairs"] = report.counts()
+    for kind in ("exact", "near"):
+        dense = {p for p in found["dense"] if p[0] == kind}
+        faiss = {p for p in found["faiss"] if p[0] == kind}
+        out[f"{kind}_recall"] = round(len(dense & faiss) / max(1, len(dense)), 4)
+        out[f"{kind}_extra"] = len(faiss - dense)
+    out["planted"] = {k: len(v) for k, v in planted.items()}
+    out["speedup"] = round(out["dense_s"] / out["faiss_s"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="make bench-scale", description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 200_000], help="images per run")
+    parser.add_argument("--leakage-images", type=int, default=20_000, help="images of the leakage comparison (0: skip)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--work", type=Path, default=Path("data/bench-scale"), help="datasets, caches and logs")
+    parser.add_argument("--out", type=Path, default=Path("logs/bench-scale.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[bench-scale] %(message)s")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"command": " ".join(["make bench-scale", *(argv or sys.argv[1:])]), "runs": []}
+    if args.leakage_images:
+        results["leakage"] = leakage_run(args.leakage_images, args.work, args.image_size)
+        log.info(json.dumps(results["leakage"]))
+    for n in args.sizes:
+        results["runs"].append(scale_run(n, args.work, args.image_size, sys.executable))
+        log.info(json.dumps(results["runs"][-1]))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    log.info(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
