@@ -215,3 +215,33 @@ def test_a_folder_loaded_again_in_one_process_is_reused_until_its_files_change(t
     Image.open(next((root / "train" / "digit0").iterdir())).save(extra)
     grown, _, _ = load_image_dataset(str(root))
     assert len(grown["train"]) == len(first["train"]) + 1
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["a/1.png", "b/2.png", "b/3.jpg", "a/.hidden.png", "a/notes.txt"],  # class folders only: all train
+        ["train/a/1.png", "train/b/2.png", "val_2024/a/3.png", "val_2024/b/4.png", "testing/a/5.png", "testing/b/6.png"],
+        ["data/train/a/1.png", "data/train/b/2.png", "data/dev/a/3.png", "data/dev/b/4.png", "__skip/a/9.png"],
+        ["a/train_1.png", "b/train_2.png", "a/test-3.png", "b/test-4.png"],  # split in the file name
+    ],
+)
+def test_an_image_folder_reads_as_the_hugging_face_loader_reads_it(tmp_path, layout):
+    """One walk gives what the Hugging Face imagefolder loader gives: the same splits, files in the same order,
+    labels and class names."""
+    from datasets import Image as ImageFeature
+
+    from fmtransfer.data.sources import load_image_folder, load_image_folder_with_hf
+
+    for k, name in enumerate(layout):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("txt"):
+            (tmp_path / name).write_text("not an image")
+        else:
+            Image.new("RGB", (4, 4), (k * 20, 0, 0)).save(tmp_path / name)
+    ours, theirs = load_image_folder(str(tmp_path)), load_image_folder_with_hf(str(tmp_path), str(tmp_path / ".hf"))
+    assert list(ours) == list(theirs)
+    for split in ours:
+        a, b = (d[split].cast_column("image", ImageFeature(decode=False)) for d in (ours, theirs))
+        assert [x["path"] for x in a["image"]] == [x["path"] for x in b["image"]], split
+        assert list(a["label"]) == list(b["label"]) and a.features == b.features

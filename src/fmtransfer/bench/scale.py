@@ -203,7 +203,7 @@ def leakage_run(n: int, work: Path, size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="make bench-scale", description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 200_000], help="images per run")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 200_000], help="images per run")
     parser.add_argument("--leakage-images", type=int, default=20_000, help="images of the leakage comparison (0: skip)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("data/bench-scale"), help="datasets, caches and logs")

@@ -52,6 +52,13 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return self.transform(image), int(row["label"]), index
 
 
+def label_array(split: Dataset) -> np.ndarray:
+    """A split's labels as int64, read as one Arrow column (``split["label"]`` iterates row by row: seconds per
+    100,000 images)."""
+    column = split.select_columns(["label"]).with_format("arrow")[:]["label"]
+    return np.asarray(column.to_numpy(), dtype=np.int64)
+
+
 def split_fingerprint(split: Dataset) -> str:
     """A hash of a split's content in order: labels and image bytes (or path, size and mtime for file-backed images).
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from fmtransfer.data.images import split_fingerprint
+from fmtransfer.data.images import label_array, split_fingerprint
 from fmtransfer.data.leakage import DEFAULT_THRESHOLD, LeakageReport, duplicate_groups, find_leakage
 from fmtransfer.data.leakage import dedupe as dedupe_splits
 from fmtransfer.data.sources import DataSource, load_image_dataset
@@ -90,7 +90,7 @@ def prepare_data(
         splits = DatasetDict(dedupe_splits(dict(splits), leakage, dedupe))
         notes += [f"data.dedupe={dedupe}: dropped {n} {split} image(s)" for split, n in leakage.dropped.items()]
     if shots_per_class is not None:
-        idx = select_shots(np.asarray(splits["train"]["label"]), shots_per_class, shots_seed)
+        idx = select_shots(label_array(splits["train"]), shots_per_class, shots_seed)
         splits["train"] = splits["train"].select(idx)
         split_source["train"] += f"; {shots_per_class} shots per class (seed {shots_seed})"
         notes.append(f"train subsampled to {shots_per_class} images per class (seed {shots_seed})")
@@ -178,7 +178,7 @@ def fold_splits(
     base = prepared.splits
     names, rows = pool_of(prepared)
     pool = concatenate_datasets([base[n] for n in dict.fromkeys(names)])
-    labels = np.asarray(pool["label"])
+    labels = label_array(pool)
     if cv.refit:
         train_idx = val_idx = np.arange(len(pool))
         what = f"the whole labelled pool ({len(pool)} images: {' + '.join(dict.fromkeys(names))}), no validation"

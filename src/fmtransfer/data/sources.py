@@ -6,6 +6,7 @@ Every source returns splits with exactly two columns, ``image`` (an ``Image`` fe
 
 from __future__ import annotations
 
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -60,8 +61,65 @@ def load_sklearn_digits(path: str, cache_dir: str | None = None) -> DatasetDict:
     return DatasetDict({"train": Dataset.from_dict(data, features=features)})
 
 
+# Split folder / file names as the Hugging Face loaders read them (datasets.data_files: SPLIT_KEYWORDS, and a keyword
+# counts when it stands alone or next to one of the separators "-._ " or a digit).
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_SEP = r"[-._ 0-9]"
+_DIR_SPLIT = {s: re.compile(rf"^(.*{_SEP})?({'|'.join(k)})({_SEP}.*)?$") for s, k in SPLIT_KEYWORDS.items()}
+_FILE_SPLIT = {s: re.compile(rf"^(.*{_SEP})?({'|'.join(k)}){_SEP}.*$") for s, k in SPLIT_KEYWORDS.items()}
+IMAGE_FOLDER_EXTENSIONS: set[str] | None = None
+
+
+def image_folder_files(root: Path) -> dict[str, list[str]]:
+    """``{split: sorted image paths}`` of an ImageFolder, found in one walk, split as the Hugging Face imagefolder
+    loader splits it (a folder named for a split at any depth; else a file name; else everything is train), hidden
+    and ``__``-prefixed paths skipped."""
+    global IMAGE_FOLDER_EXTENSIONS
+    if IMAGE_FOLDER_EXTENSIONS is None:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+        IMAGE_FOLDER_EXTENSIONS = {e.lower() for e in ImageFolder.EXTENSIONS}
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        files += [os.path.join(folder, n) for n in names if not n.startswith((".", "__"))]
+    files = sorted(f for f in files if os.path.splitext(f)[1].lower() in IMAGE_FOLDER_EXTENSIONS)
+    relative = [Path(f).relative_to(root).parts for f in files]
+    for patterns, part in ((_DIR_SPLIT, lambda parts: parts[:-1]), (_FILE_SPLIT, lambda parts: parts[-1:])):
+        found = {
+            split: [f for f, parts in zip(files, relative, strict=True) if any(p.match(x) for x in part(parts))]
+            for split, p in patterns.items()
+        }
+        if any(found.values()):
+            return {split: paths for split, paths in found.items() if paths}
+    return {"train": files}
+
+
 def load_image_folder(path: str, cache_dir: str | None = None) -> DatasetDict:
-    """An ImageFolder directory: ``DIR/<split>/<class>/*.jpg`` or ``DIR/<class>/*.jpg``."""
+    """An ImageFolder (``DIR/<class>/*`` or ``DIR/<split>/<class>/*``) as the Hugging Face imagefolder loader reads
+    it (same splits, order, labels and stored paths), listed in one walk: the loader's own file discovery globs
+    every split pattern over the tree (minutes at 100,000 images). A folder with a metadata file goes to the loader."""
+    root = Path(os.path.abspath(path))  # the loader stores absolute paths (not resolving symlinks)
+    if any(root.glob("**/metadata.*")):
+        return load_image_folder_with_hf(path, cache_dir)
+    splits = image_folder_files(root)
+    labels = {split: [os.path.basename(os.path.dirname(f)) for f in files] for split, files in splits.items()}
+    names = sorted({name for split_labels in labels.values() for name in split_labels})
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    index = {name: i for i, name in enumerate(names)}
+    out = {
+        split: Dataset.from_dict({"image": files, "label": [index[n] for n in labels[split]]}, features=features)
+        for split, files in splits.items()
+    }
+    return _standardise_columns(DatasetDict(out), path)
+
+
+def load_image_folder_with_hf(path: str, cache_dir: str | None = None) -> DatasetDict:
+    """The Hugging Face imagefolder loader's reading of ``path`` (what ``load_image_folder`` reproduces)."""
     return _load_with_hf("imagefolder", {"data_dir": path}, path, cache_dir)
 
 

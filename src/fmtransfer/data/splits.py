@@ -8,6 +8,7 @@ import numpy as np
 from datasets import DatasetDict
 from sklearn.model_selection import train_test_split
 
+from fmtransfer.data.images import label_array
 from fmtransfer.errors import ConfigError, DataError
 
 CANONICAL_SPLITS = ("train", "validation", "test")
@@ -51,7 +52,7 @@ def make_splits(
     for split, frac in (("test", test_fraction), ("validation", val_fraction)):
         if split in out:
             continue
-        keep, held = stratified_indices(np.asarray(train["label"]), frac, seed, split)
+        keep, held = stratified_indices(label_array(train), frac, seed, split)
         out[split] = train.select(held)
         train = train.select(keep)
         source[split] = f"made from train: {frac:.0%} stratified, seed {seed}"

@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from fmtransfer.data.images import split_fingerprint, to_rgb
+from fmtransfer.data.images import label_array, split_fingerprint, to_rgb
 from fmtransfer.errors import DataError
 
 MAX_LISTED = 20
@@ -123,7 +123,7 @@ def check_classes(dsd: DatasetDict) -> None:
     import numpy as np
 
     names = dsd["train"].features["label"].names
-    train_classes = set(np.unique(dsd["train"]["label"]).tolist())
+    train_classes = set(np.unique(label_array(dsd["train"])).tolist())
     if len(train_classes) < 2:
         raise DataError(
             f"the training split has a single class ({[names[c] for c in train_classes]}); a classifier needs at "
@@ -131,7 +131,7 @@ def check_classes(dsd: DatasetDict) -> None:
         )
     for split in ("validation", "test"):
         if split in dsd:
-            unseen = set(np.unique(dsd[split]["label"]).tolist()) - train_classes
+            unseen = set(np.unique(label_array(dsd[split])).tolist()) - train_classes
             if unseen:
                 raise DataError(
                     f"the {split} split has class(es) {sorted(names[c] for c in unseen)} that the training split "

@@ -29,6 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.data import CrossValidation
+from fmtransfer.data.images import label_array
 from fmtransfer.data.splits import cv_folds_for
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import METRIC_NAMES
@@ -196,9 +197,9 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
     """Choose ``regime``'s settings and epochs for ``shots`` (``base``: its run config at the selection seed)."""
     metric = cfg.compare.metric
     data = load_data(base)
-    pool = np.asarray(data.splits["train"]["label"])
+    pool = label_array(data.splits["train"])
     if data.shots_per_class is None:
-        pool = np.concatenate([pool, np.asarray(data.splits["validation"]["label"])])
+        pool = np.concatenate([pool, label_array(data.splits["validation"])])
     protocol, folds = protocol_for(cfg, shots, pool, len(data.splits["validation"]))
     candidates = candidates_of(cfg, regime)
     if protocol == "none":
