@@ -336,7 +336,9 @@ def test_fold_entries_are_index_views_that_copy_no_maps_and_read_in_bounded_chun
         assert view.shape(name) == expected.shape and view.dtype(name) == expected.dtype
         assert np.array_equal(view.load(name), expected) and np.array_equal(view.read_rows(name, 3, 9), expected[3:9])
         assert np.array_equal(np.concatenate([c for _, c in view.chunks(name)]), expected)
-    np.testing.assert_array_equal(pooled_level(view, "level1"), base.load("level1")[rows].astype(np.float32).mean((2, 3)))
+    pooled = base.load("level1")[rows].astype(np.float32).mean((2, 3))
+    np.testing.assert_array_equal(pooled_level(view, "level1"), pooled)
+    np.testing.assert_array_equal(pooled_level(view, "level1", np.array([2, 5, 16])), pooled[[2, 5, 16]])
     grids = pooled_grids(view, "level1", (1, 2))
     assert {k: tuple(v.shape) for k, v in grids.items()} == {"level1": (17, 24), "level1@2x2": (17, 96)}
     # A view of the view points at the maps' entry, not at the view.

@@ -17,13 +17,21 @@ from torch.utils.data import DataLoader, Dataset
 from fmtransfer.cache import CachedSplit
 from fmtransfer.heads.grids import grid_features
 
-def pooled_level(split: CachedSplit, level: str) -> torch.Tensor:
-    """One level as float32 ``[N, C]``: spatial maps are averaged over H, W chunk by chunk (``cache.read_chunk_mb``)."""
+def pooled_level(split: CachedSplit, level: str, rows: np.ndarray | None = None) -> torch.Tensor:
+    """One level as float32 ``[N, C]`` (only ``rows``, sorted, when given): spatial maps are averaged over H, W
+    chunk by chunk (``cache.read_chunk_mb``)."""
     shape = split.shape(level)
-    out = np.empty(shape[:2], dtype=np.float32)
+    keep = None if rows is None else np.zeros(shape[0], dtype=bool)
+    if keep is not None:
+        keep[rows] = True
+    out = np.empty((shape[0] if keep is None else int(keep.sum()), shape[1]), dtype=np.float32)
+    done = 0
     for start, chunk in split.chunks(level):
+        if keep is not None:
+            chunk = chunk[keep[start : start + len(chunk)]]
         chunk = chunk.astype(np.float32)
-        out[start : start + len(chunk)] = chunk if chunk.ndim == 2 else chunk.mean(axis=(2, 3))
+        out[done : done + len(chunk)] = chunk if chunk.ndim == 2 else chunk.mean(axis=(2, 3))
+        done += len(chunk)
     return torch.from_numpy(out)
 
 
@@ -46,13 +54,19 @@ class PooledFeatureDataset(Dataset):
         self.labels = labels
 
     @classmethod
-    def from_cache(cls, split: CachedSplit, levels: Sequence[str], grids: Sequence[int] = (1,)) -> PooledFeatureDataset:
-        """``levels`` globally pooled (``grids=(1,)``), or pooled to each of ``grids`` (keys: ``heads.grids``)."""
+    def from_cache(
+        cls, split: CachedSplit, levels: Sequence[str], grids: Sequence[int] = (1,), rows: np.ndarray | None = None
+    ) -> PooledFeatureDataset:
+        """``levels`` globally pooled (``grids=(1,)``; only ``rows``, sorted, when given), or pooled to each of
+        ``grids`` (keys: ``heads.grids``)."""
+        if rows is not None and tuple(grids) != (1,):
+            raise ValueError("a subset of rows is read for globally pooled levels only (grids=(1,))")
         if tuple(grids) == (1,):
-            feats = {name: pooled_level(split, name) for name in levels}
+            feats = {name: pooled_level(split, name, rows) for name in levels}
         else:
             feats = {k: v for name in levels for k, v in pooled_grids(split, name, grids).items()}
-        return cls(feats, torch.from_numpy(split.labels()))
+        labels = split.labels()
+        return cls(feats, torch.from_numpy(labels if rows is None else labels[rows]))
 
     @property
     def dims(self) -> dict[str, int]:

@@ -205,9 +205,13 @@ def describe_selection(selection: Selection) -> str:
     )
 
 
+DEPTH_IMAGES = 10_000  # per fold side: the depth curve of a large pool costs what 10,000 images cost
+
+
 def depth_curve(records: list[dict]) -> dict | None:
     """Linear-probe accuracy per cached level, out of fold: fitted on each selection fold's training part and
-    scored on its held-out part (the fold runs of frozen's first candidate), pooled over the folds."""
+    scored on its held-out part (the fold runs of frozen's first candidate; at most ``DEPTH_IMAGES`` of each part,
+    seeded), pooled over the folds."""
     from fmtransfer.cache import CachedSplit
 
     frozen = next((r for r in records if r["regime"] == "frozen" and r["shots_per_class"] == "all"), None)
@@ -220,8 +224,8 @@ def depth_curve(records: list[dict]) -> dict | None:
         metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
         entries = metrics["cache"]["entries"]
         splits = {s: CachedSplit.open(entries[s]) for s in ("train", "validation")}
-        n = splits["validation"].num_samples
-        for level, acc in transfer_by_depth(splits["train"], splits["validation"]).items():
+        n = min(splits["validation"].num_samples, DEPTH_IMAGES)
+        for level, acc in transfer_by_depth(splits["train"], splits["validation"], max_images=DEPTH_IMAGES).items():
             correct[level] = correct.get(level, 0.0) + acc * n
         total += n
     protocol = frozen["selection"]["protocol"]
