@@ -17,8 +17,7 @@ from fmtransfer.backbone import (
     parse_levels,
     resolve_data_config,
 )
-from fmtransfer.cache import CacheSpec, FeatureCache, RowSource, ensure_feature_cache, pool_map
-from fmtransfer.cache import store
+from fmtransfer.cache import CacheSpec, FeatureCache, RowSource, ensure_feature_cache, pool_map, store
 from fmtransfer.data import prepare_data
 from fmtransfer.errors import CacheError
 
@@ -396,5 +395,12 @@ def test_non_finite_or_overflowing_maps_are_an_error_naming_the_level(tmp_path, 
     cache = FeatureCache(tmp_path)
     chosen = parse_levels(["level1", "pre_logits"], spec.levels)
     with pytest.raises(CacheError, match=f"level 'level1'.*{message}"):
-        build(cache, digits.splits["train"], spec, model, levels=("level1", "pre_logits"), builder=lambda: FeatureMapExtractor(broken, chosen))
+        build(
+            cache,
+            digits.splits["train"],
+            spec,
+            model,
+            levels=("level1", "pre_logits"),
+            builder=lambda: FeatureMapExtractor(broken, chosen),
+        )
     assert cache.entries() == [] and not list(tmp_path.glob("*/.partial-*")), "nothing was cached"

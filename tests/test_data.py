@@ -221,7 +221,14 @@ def test_a_folder_loaded_again_in_one_process_is_reused_until_its_files_change(t
     "layout",
     [
         ["a/1.png", "b/2.png", "b/3.jpg", "a/.hidden.png", "a/notes.txt"],  # class folders only: all train
-        ["train/a/1.png", "train/b/2.png", "val_2024/a/3.png", "val_2024/b/4.png", "testing/a/5.png", "testing/b/6.png"],
+        [
+            "train/a/1.png",
+            "train/b/2.png",
+            "val_2024/a/3.png",
+            "val_2024/b/4.png",
+            "testing/a/5.png",
+            "testing/b/6.png",
+        ],
         ["data/train/a/1.png", "data/train/b/2.png", "data/dev/a/3.png", "data/dev/b/4.png", "__skip/a/9.png"],
         ["a/train_1.png", "b/train_2.png", "a/test-3.png", "b/test-4.png"],  # split in the file name
     ],

@@ -137,5 +137,5 @@ def test_the_faiss_index_finds_the_pairs_the_dense_search_finds():
     assert [(r, c) for r, c, _ in indexed] == [(r, c) for r, c, _ in dense]
     assert np.allclose([s for *_, s in indexed], [s for *_, s in dense], atol=1e-5)
     assert search_mode("auto", 9_999) == "dense" and search_mode("auto", 10_000) == "faiss"
-    with pytest.raises(ConfigError, match="data.leakage.index=fast is not known"):
+    with pytest.raises(ConfigError, match=r"data\.leakage\.index=fast is not known"):
         search_mode("fast", 10)

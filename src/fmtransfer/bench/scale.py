@@ -79,10 +79,11 @@ def write_synthetic_dataset(
         (root / f"class{k}").mkdir(parents=True)
     workers = workers or len(os.sched_getaffinity(0))
     step = -(-n // (workers * 8))
+    chunks = [range(s, min(s + step, n)) for s in range(0, n, step)]
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(write_images, *zip(*[(root, seed, range(s, min(s + step, n)), size) for s in range(0, n, step)])))
+        list(pool.map(write_images, [root] * len(chunks), [seed] * len(chunks), chunks, [size] * len(chunks)))
     rng = np.random.default_rng([seed, n])
-    copies = rng.permutation(n)[: int(round(n * duplicates))]
+    copies = rng.permutation(n)[: round(n * duplicates)]
     kept = np.setdiff1d(np.arange(n), copies)  # originals are never overwritten themselves
     planted: dict[str, list[list[str]]] = {"exact": [], "near": []}
     for k, copy in enumerate(copies.tolist()):
@@ -145,7 +146,12 @@ def scale_run(n: int, work: Path, size: int, python: str) -> dict:
     generate_s = time.perf_counter() - began
     data_dir = work / f"data-{n}"
     shutil.rmtree(data_dir, ignore_errors=True)
-    common = [f"data.path={data}", f"data.image_size={size}", f"paths.data_dir={data_dir}", "trainer.progress_bar=false"]
+    common = [
+        f"data.path={data}",
+        f"data.image_size={size}",
+        f"paths.data_dir={data_dir}",
+        "trainer.progress_bar=false",
+    ]
     train = measured(
         [python, "-m", "fmtransfer.cli.train", *common, "regime=frozen", f"hydra.run.dir={data_dir}/train-run"],
         work / f"train-{n}.log",
@@ -156,7 +162,8 @@ def scale_run(n: int, work: Path, size: int, python: str) -> dict:
     compare = measured(
         [
             python, "-m", "fmtransfer.cli.compare", *common, "compare.regimes=[frozen]", "compare.seeds=[0]",
-            "compare.shots=[all]", "compare.selection.folds=3", "compare.selection.min_scored=1000000000", "compare.preset=cpu",
+            "compare.shots=[all]", "compare.selection.folds=3", "compare.selection.min_scored=1000000000",
+            "compare.preset=cpu",
             'compare.sweep.frozen=[["head.name=multilayer","head.levels=all","head.lr=0.01"]]',
             f"compare.out_dir={data_dir}/compare", "compare.name=scale", f"hydra.run.dir={data_dir}/compare-run",
         ],
@@ -183,7 +190,10 @@ def leakage_run(n: int, work: Path, size: int) -> dict:
     planted = write_synthetic_dataset(data, n, size)
     pool = load_image_folder(str(data))["train"]
     order = np.random.default_rng(0).permutation(len(pool))
-    splits = {"train": pool.select(np.sort(order[len(pool) // 5 :])), "test": pool.select(np.sort(order[: len(pool) // 5]))}
+    splits = {
+        "train": pool.select(np.sort(order[len(pool) // 5 :])),
+        "test": pool.select(np.sort(order[: len(pool) // 5])),
+    }
     out: dict = {"images": n, "references": len(splits["train"]), "queries": len(splits["test"])}
     found = {}
     for index in ("dense", "faiss"):

@@ -301,7 +301,9 @@ def gather_entry(
     seconds = 0.0
     for src in sources:
         labels[src.rows] = src.entry.labels()[src.source_rows]
-        seconds += float(src.entry.manifest.get("extract_seconds") or 0.0) * len(src.rows) / max(1, src.entry.num_samples)
+        seconds += (
+            float(src.entry.manifest.get("extract_seconds") or 0.0) * len(src.rows) / max(1, src.entry.num_samples)
+        )
         if src.entry.is_view:
             inner = src.entry.view_rows()[src.source_rows]
             pieces = [(entry, inner[:, 0] == k) for k, entry in enumerate(src.entry.sources())]
@@ -310,14 +312,18 @@ def gather_entry(
             pieces = [(src.entry, src.rows, src.source_rows)]
         for entry, rows, source_rows in pieces:
             if entry.path.parent != writer.final.parent:
-                raise CacheError(f"a view's rows must come from entries beside it; {entry.path} is not in {writer.final.parent}.")
+                raise CacheError(
+                    f"a view's rows must come from entries beside it; {entry.path} is not in {writer.final.parent}."
+                )
             table[rows, 0] = list(plain).index(entry.path) if entry.path in plain else len(plain)
             table[rows, 1] = source_rows
             plain.setdefault(entry.path, entry)
     if (table[:, 0] < 0).any():
         raise CacheError(f"{int((table[:, 0] < 0).sum())} of {num_samples} rows of {writer.final.name} have no source.")
     entries = list(plain.values())
-    levels = {n: rec for n, rec in entries[0].manifest["levels"].items() if all(n in e.manifest["levels"] for e in entries)}
+    levels = {
+        n: rec for n, rec in entries[0].manifest["levels"].items() if all(n in e.manifest["levels"] for e in entries)
+    }
     try:
         writer.create_view(labels, table)
         path = writer.publish(
@@ -326,7 +332,10 @@ def gather_entry(
                 "num_samples": num_samples,
                 "class_names": list(class_names),
                 "levels": {n: {k: v for k, v in rec.items() if k not in FILE_KEYS} for n, rec in levels.items()},
-                "view": {"sources": [e.path.name for e in entries], "fingerprints": [e.manifest["fingerprint"] for e in entries]},
+                "view": {
+                    "sources": [e.path.name for e in entries],
+                    "fingerprints": [e.manifest["fingerprint"] for e in entries],
+                },
                 "created": now_iso(),
                 "extract_seconds": round(seconds, 3),
                 "gather_seconds": round(time.perf_counter() - start, 3),

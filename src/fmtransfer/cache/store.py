@@ -415,10 +415,8 @@ def is_positive_number(value) -> bool:
 def mark_used(path: Path) -> None:
     """Record that entry ``path`` was just used (its ``used`` file's mtime); a read-only cache is left as it is."""
     _IN_USE.add(path)
-    try:
+    with contextlib.suppress(OSError):
         (path / USED).touch()
-    except OSError:
-        pass
 
 
 def last_used(path: Path) -> float:

@@ -99,9 +99,7 @@ def prepare_data(
     if cv is None or (cv.fold is None and not cv.refit and not cv.given_validation):
         return prepared
     memo = Path(cache_dir) / "leakage" if cache_dir else None
-    return fold_splits(
-        prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo, leakage_index)
-    )
+    return fold_splits(prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo, leakage_index))
 
 
 def pool_groups(pool, threshold: float | None, memo_dir: Path | None, index: str = "auto") -> np.ndarray | None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from fmtransfer.cache import CachedSplit
 from fmtransfer.heads.grids import grid_features
 
+
 def pooled_level(split: CachedSplit, level: str, rows: np.ndarray | None = None) -> torch.Tensor:
     """One level as float32 ``[N, C]`` (only ``rows``, sorted, when given): spatial maps are averaged over H, W
     chunk by chunk (``cache.read_chunk_mb``)."""
