@@ -68,18 +68,21 @@ class FeatureExtractionModule(pl.LightningModule):
         self.extractor = FrozenModule(extractor)
         self.spec = spec
 
+    @property
+    def dtype_stored(self) -> torch.dtype:
+        return torch.float16 if self.spec.dtype == "float16" else torch.float32
+
+    def pooled(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every level's map, pooled, in float32."""
+        return {k: pool_map(v.float(), self.spec.pool, self.spec.pool_size) for k, v in self.extractor(images).items()}
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        maps = self.extractor(images)
-        dtype = torch.float16 if self.spec.dtype == "float16" else torch.float32
-        out = {}
-        for name, value in maps.items():
-            pooled = pool_map(value.float(), self.spec.pool, self.spec.pool_size)
-            out[name] = checked_map(name, pooled, pooled.to(dtype))
-        return out
+        return {k: v.to(self.dtype_stored) for k, v in self.pooled(images).items()}
 
     def predict_step(self, batch, batch_idx: int):
         images, labels, indices = batch
-        return {"maps": self(images), "labels": labels, "indices": indices}
+        maps = {k: checked_map(k, v, v.to(self.dtype_stored)) for k, v in self.pooled(images).items()}
+        return {"maps": maps, "labels": labels, "indices": indices}
 
 
 def checked_map(level: str, computed: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
