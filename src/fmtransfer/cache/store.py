@@ -72,6 +72,7 @@ class CachedSplit:
     manifest: dict
     read_chunk_mb: float = READ_CHUNK_MB
     _sources: list[CachedSplit] | None = field(default=None, init=False, repr=False, compare=False)
+    _view_rows: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path, read_chunk_mb: float = READ_CHUNK_MB) -> CachedSplit:
@@ -105,8 +106,10 @@ class CachedSplit:
         return self._sources
 
     def view_rows(self) -> np.ndarray:
-        """A view's ``[N, 2]`` (source, source row) table."""
-        return np.load(self.path / self.manifest["view"]["rows"]["file"])
+        """A view's ``[N, 2]`` (source, source row) table, read once (every chunked read slices it)."""
+        if self._view_rows is None:
+            self._view_rows = np.load(self.path / self.manifest["view"]["rows"]["file"])
+        return self._view_rows
 
     def _check_level(self, name: str) -> dict:
         if name not in self.manifest["levels"]:
