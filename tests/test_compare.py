@@ -12,7 +12,7 @@ import pytest
 from fmtransfer.cli.compare import main as compare_main
 from fmtransfer.cli.compare import resolve_preset
 from fmtransfer.errors import FmtransferError
-from fmtransfer.report import runs as runs_mod
+from fmtransfer.report import schedule as schedule_mod
 from fmtransfer.report.render import verdict_text
 from fmtransfer.report.stats import summarise
 from fmtransfer.report.verdict import selection_score, verdict
@@ -167,7 +167,7 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was repeated")
 
-    monkeypatch.setattr(runs_mod, "run_regime", must_not_train)
+    monkeypatch.setattr(schedule_mod, "run_regime", must_not_train)
     compare_main(overrides)
     assert capsys.readouterr().out.count("done earlier") == 16 + FOLD_RUNS
 
@@ -374,3 +374,31 @@ def test_a_users_override_wins_over_the_sweep_and_is_listed():
     inside = resolve_preset(["experiment=hymenoptera", "+head.options.fraction=0.2"])
     assert not any(str(o).startswith("head.options") for c in inside.compare.sweep.frozen for o in c)
     assert inside.head.options.fraction == 0.2
+
+
+def test_runs_side_by_side_in_worker_processes_give_the_same_results(tmp_path, capsys):
+    """compare.workers=2: the groups at once, their runs in two worker processes; every number as one at a time."""
+    small = [
+        *TINY,
+        "compare.regimes=[frozen,finetune]",
+        "compare.seeds=[0]",
+        "compare.shots=[3]",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    results = {}
+    for workers in (1, 2):
+        compare_main([*small, f"compare.workers={workers}", f"compare.out_dir={tmp_path / f'w{workers}'}"])
+        report_dir = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("report dir: "))
+        results[workers] = json.loads((report_dir / "results.json").read_text())
+    one, two = ({(r["regime"], r["seed"]): r for r in results[w]["runs"]} for w in (1, 2))
+    assert one.keys() == two.keys() == {("frozen", 0), ("finetune", 0)}
+    for key, run in one.items():
+        assert run["run_dir"] != two[key]["run_dir"]
+        assert run["selection"]["settings"] == two[key]["selection"]["settings"]
+        losses = [c["loss_by_epoch"] for c in run["selection"]["candidates"]]
+        assert losses == [pytest.approx(c["loss_by_epoch"], abs=1e-5) for c in two[key]["selection"]["candidates"]]
+        assert run["selection"]["score"] == pytest.approx(two[key]["selection"]["score"], abs=1e-9)
+        assert run["test"]["acc"] == pytest.approx(two[key]["test"]["acc"], abs=1e-9)
+        a, b = (np.loadtxt(r["test_predictions"], delimiter=",", skiprows=1, usecols=(3, 4)) for r in (run, two[key]))
+        np.testing.assert_allclose(a, b, atol=1e-5)  # one thread per worker against two: float summation order only

@@ -67,6 +67,13 @@ def test_an_improving_run_selects_its_best_epoch_and_measures_itself(tmp_path):
     assert results["peak_memory_kind"] == "cpu_rss_increase" and results["peak_memory_bytes"] >= 0
     start = torch.load(tmp_path / "run" / "checkpoints" / START_FILE, weights_only=True)
     assert start["score"] > 2.0, "the untrained start's cross-entropy on 10 classes is about ln 10"
+    # The selected epoch's metrics are those of its validation during fit (not a second pass): the same numbers a
+    # fresh validation of the selected checkpoint gives.
+    again = tools.fit_trainer(epochs=1).validate(
+        module(lr=0.05), datamodule=datamodule, ckpt_path=results["best_checkpoint"], verbose=False
+    )[0]
+    assert results["val"] == {m: pytest.approx(again[f"val/{m}"], abs=1e-6) for m in results["val"]}
+    assert results["seconds_per_validation"] > 0
 
 
 def test_the_start_is_kept_when_no_epoch_beats_it_on_validation(tmp_path):

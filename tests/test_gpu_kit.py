@@ -13,18 +13,21 @@ from PIL import Image
 
 from fmtransfer.backbone import FeatureMapExtractor, describe_backbone, parse_levels
 from fmtransfer.cache import CacheSpec, map_shapes
+from fmtransfer.cli.config import compose_config
 from fmtransfer.cli.gpu_report import plan_text
 from fmtransfer.errors import FmtransferError
 from fmtransfer.gpu_kit.device import compare_job
+from fmtransfer.gpu_kit.estimate import read_loan_figures, stage_seconds
 from fmtransfer.gpu_kit.pack import compact_dataset, resize_size
 from fmtransfer.gpu_kit.stages import DEVICE_STAGES, EXPERIMENTS, device_command
 from fmtransfer.gpu_kit.unpack import device_slug, replace_section, unpack
+from fmtransfer.report.runs import planned_runs
 
 from .conftest import ROOT, shared_dataset
 
 
 def test_plan_names_every_device_stage_its_command_and_carried_data():
-    plan = plan_text()
+    plan = plan_text(estimates=False)
     for name, stage in DEVICE_STAGES.items():
         assert device_command(name) in plan
         for dataset in stage.datasets:
@@ -42,7 +45,39 @@ def test_only_the_stage_that_runs_lora_carries_peft_s_wheels(tmp_path):
     command = compare_job(EXPERIMENTS["hymenoptera-efficient"], tmp_path, tmp_path / "w", 60, []).command
     assert "experiment=hymenoptera" in command and "compare.name=hymenoptera-efficient" in command
     assert "compare.regimes=[frozen,bitfit,lora,surgical]" in command
-    assert ".gpu-kit/wheels-extra" in plan_text()
+    assert ".gpu-kit/wheels-extra" in plan_text(estimates=False)
+
+
+def test_a_stage_s_expected_time_is_its_planned_runs_times_the_last_loan_s_seconds_per_run(tmp_path):
+    log = tmp_path / "gpu-report-all-abc1234.log"
+    log.write_text(
+        "[gpu-report] stage all on NVIDIA H200, deadline 540 s\n"
+        "[compare 1/48] frozen, seed 0, shots all: test acc 0.9281 in 4 s\n"  # before cross-validated selection
+        "[report] select: finetune, shots all, candidate 1/1, fold 2/3: fold acc 0.9753 in 20 s\n"
+        "[uiuc_texture] [report] final 3/8: finetune, seed 0, shots all: test acc 0.9346 in 30 s\n"
+        "[uiuc_texture] [report] select: finetune, shots 5, candidate 1/2, fold 1/3: fold acc 0.9 in 40 s\n"
+        "[gpu-report] bench: exit 0 after 139 s\n"
+    )
+    figures = read_loan_figures(log, DEVICE_STAGES["all"])  # unprefixed lines: hymenoptera, alone in group 1
+    assert figures.device == "NVIDIA H200" and figures.bench_seconds == 139
+    assert figures.run_seconds == {
+        ("hymenoptera", "frozen"): [4.0],
+        ("hymenoptera", "finetune"): [20.0],
+        ("uiuc_texture", "finetune"): [30.0, 40.0],
+    }
+    runs = {
+        "hymenoptera": {"frozen": 10, "finetune": 2},
+        "uiuc_texture": {"finetune": 3},
+        "pneumoniamnist": {"lora": 1},
+    }
+    # bench + hymenoptera (10 x 4 + 2 x 20) + the longer of uiuc_texture (3 x 35) and pneumoniamnist (not measured)
+    assert stage_seconds(DEVICE_STAGES["all"], figures, runs, {}) == (139 + 80 + 105, ["pneumoniamnist/lora"])
+    assert stage_seconds(DEVICE_STAGES["all"], figures, runs, {"lora": "finetune"}, workers=4)[0] == 139 + 20 + 52.5
+    # The runs a comparison plans: each (regime, shots)'s candidates x folds (none at 1 shot) + a final run per seed.
+    cfg = compose_config(["compare.regimes=[frozen,finetune]", "compare.shots=[1,5,all]"], name="compare")
+    frozen, finetune = len(cfg.compare.sweep.frozen), len(cfg.compare.sweep.finetune)
+    assert cfg.compare.selection.folds == 5 and len(cfg.compare.seeds) == 3
+    assert planned_runs(cfg) == {"frozen": 3 + 2 * (frozen * 5 + 3), "finetune": 3 + 2 * (finetune * 5 + 3)}
 
 
 @pytest.mark.parametrize(

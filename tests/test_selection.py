@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -150,12 +151,18 @@ def test_a_tiny_validation_split_misleads_and_cross_validation_does_not(tmp_path
         np.savez(run_dir / "val.npz", epochs=np.array([0, 3]), probs=probs, labels=labels, rows=rows)
         return {"val_curve": "val.npz", "train_seconds": 0.0, "planned_epochs": 5}
 
+    class Inline:  # the scheduler's interface, the run done at once
+        def submit(self, *args) -> Future:
+            future = Future()
+            future.set_result(run(*args))
+            return future
+
     tiny_cfg = copy.deepcopy(cfg)
     tiny_cfg.compare.selection.min_scored = 0
-    on_tiny = select(tiny_cfg, "frozen", "all", tmp_path / "tiny", run, base)
+    on_tiny = select(tiny_cfg, "frozen", "all", tmp_path / "tiny", Inline(), base)
     assert on_tiny.protocol == "validation" and on_tiny.folds == 1 and on_tiny.n_scored == 14
     assert on_tiny.overrides == ["head.lr=0.002"], "the tiny split picks the lucky candidate"
-    cv = select(cfg, "frozen", "all", tmp_path / "cv", run, base)
+    cv = select(cfg, "frozen", "all", tmp_path / "cv", Inline(), base)
     assert cv.protocol == "cv" and cv.folds == 3 and cv.n_scored == 1438 and cv.n_scored >= 200
     assert cv.overrides == ["head.lr=0.001"], "cross-validation over the pool picks the better candidate"
     a, b = (c["score"] for c in cv.candidates)

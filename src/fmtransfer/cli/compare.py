@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     with user_errors():
         cfg = resolve_preset(overrides)
-        report_dir = run_comparison(cfg, config_dir().parent)
+        report_dir = run_comparison(cfg, config_dir().parent, worker_setup=quiet_libraries)
     print(f"report dir: {Path(report_dir).resolve()}")
 
 

@@ -6,6 +6,7 @@ Prints the archive (``archive: <path>``), the unpacked files, or ``rehearsal: <f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,8 @@ from fmtransfer.gpu_kit.stages import (
     DEVICE_STAGES,
     KIT_DIR,
     LOCAL_STAGES,
+    DeviceStage,
+    Experiment,
     device_command,
 )
 
@@ -25,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[3]
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
-def plan_text() -> str:
-    """Every stage: where it runs, its command, what it carries, its expected device time."""
+def plan_text(estimates: bool = True) -> str:
+    """Every stage: where it runs, its command, what it carries, its expected device time (``estimates``: also
+    from the runs its comparisons plan and the last loan's seconds per run)."""
     lines = [
         "GPU report kit: pack here, then each device stage as ONE call of the device tool's `run`, then unpack here.",
         "",
@@ -39,6 +43,8 @@ def plan_text() -> str:
             f"         run(command='{device_command(stage.name)}', carry={carries}, timeout_s=600)",
             f"         leaves $OUT/gpu-report-{stage.name}.tar.gz + .log",
         ]
+        if estimates and (estimate := stage_estimate(stage)):
+            lines.append(f"         {estimate}")
     lines += [
         "here   make gpu-report STAGE=unpack FILE=<files_at>/gpu-report-<stage>.tar.gz",
         "         -> reports/<experiment>-<gpu>/ and a section of docs/benchmarks.md naming the device",
@@ -51,6 +57,47 @@ def plan_text() -> str:
         f"runs they finished. Each call carries at most {CALL_LIMIT_MIB} MiB (pack checks).",
     ]
     return "\n".join(lines)
+
+
+LOGS = ROOT / "reports" / "h200-logs"
+
+
+@functools.cache
+def planned_runs_of(experiment: Experiment) -> tuple[dict[str, int], dict[str, str]]:
+    """``experiment``'s planned runs per regime under the full preset, and its ``compare.budget_of``."""
+    from fmtransfer.cli.compare import resolve_preset
+    from fmtransfer.report.runs import planned_runs
+
+    cfg = resolve_preset([*experiment.arguments, "compare.preset=full"])
+    return planned_runs(cfg), {str(k): str(v) for k, v in (cfg.compare.get("budget_of") or {}).items()}
+
+
+def stage_estimate(stage: DeviceStage) -> str | None:
+    """``stage``'s expected device time: the runs its comparisons plan now (the full preset) times the seconds per
+    run of the same experiment and regime in the last loan's log of that stage (else of ``all``)."""
+    from fmtransfer.gpu_kit.estimate import latest_log, read_loan_figures, stage_seconds
+    from fmtransfer.report.schedule import MAX_WORKERS
+
+    if not stage.groups:
+        return None
+    log_path = latest_log(LOGS, stage.name) or latest_log(LOGS, "all")
+    if log_path is None:
+        return None
+    runs, fallbacks = {}, {}
+    for experiment in stage.experiments:
+        runs[experiment.name], budget_of = planned_runs_of(experiment)
+        fallbacks.update(budget_of)
+    figures = read_loan_figures(log_path, DEVICE_STAGES.get(log_path.name.split("-")[2]))
+    one, unknown = stage_seconds(stage, figures, runs, fallbacks)
+    side_by_side, _ = stage_seconds(stage, figures, runs, fallbacks, workers=MAX_WORKERS)
+    count = sum(sum(r.values()) for r in runs.values())
+    over = f" (over the {DEADLINE_S} s deadline)" if side_by_side > DEADLINE_S else ""
+    missing = f"; not measured: {', '.join(unknown)}" if unknown else ""
+    return (
+        f"expected: {count} planned runs x the seconds per run of {log_path.name} "
+        f"({figures.device or 'device not named'}) = ~{one / 60:.0f} min one at a time, at best "
+        f"~{side_by_side / 60:.0f} min{over} with {MAX_WORKERS} workers{missing}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fmtransfer.gpu_kit.stages import DATA, DeviceStage, Experiment
+from fmtransfer.report.schedule import worker_count
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +176,18 @@ def run_stage(
         run_jobs([bench], deadline, env)
         jobs.append(bench)
 
-    def compare_for(experiment: Experiment, budget: float) -> Job:
-        overrides = [*extra.get("*", []), *extra.get(experiment.name, [])]
+    def compare_for(experiment: Experiment, budget: float, *settings: str) -> Job:
+        overrides = [*settings, *extra.get("*", []), *extra.get(experiment.name, [])]
         return compare_job(experiment, kit, work, budget, overrides)
 
     compares: list[Job] = []
+    workers = worker_count("auto", "gpu")  # the device's worker processes, shared by a group's comparisons
     for i, group in enumerate(stage.groups):
         # Each group gets an equal share of the time left; a group that finishes early leaves more to the next.
         left = deadline - FINAL_REPORT_S - time.monotonic()
         budget = max(left / (len(stage.groups) - i) - REPORT_MARGIN_S, 0.0)
-        group_jobs = [compare_for(e, budget) for e in group]
+        share = f"compare.workers={max(1, workers // len(group))}"
+        group_jobs = [compare_for(e, budget, share) for e in group]
         run_jobs(group_jobs, time.monotonic() + budget + REPORT_MARGIN_S, env)
         # A comparison stopped at its group's end has no report: one more pass with no time budget runs nothing new
         # and writes the report from the runs that finished (each run's metrics.json), saying which did not run.

@@ -246,6 +246,7 @@ class RunContext:
             **extra,
             "train_seconds": results["train_seconds"],
             "seconds_per_epoch": results["seconds_per_epoch"],
+            "seconds_per_validation": results.get("seconds_per_validation"),
             "epochs": results["epochs"],
             "trainable_params": results["trainable_params"],
             "peak_memory_bytes": results["peak_memory_bytes"],

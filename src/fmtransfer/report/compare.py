@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,9 @@ def rewrite_report(report_dir: Path, metric: str | None = None) -> None:
     write_report(results, report_dir)
 
 
-def run_comparison(cfg: DictConfig, root: Path) -> Path:
-    """Run everything planned, then write ``results.json``, ``report.md`` and ``report.html``."""
+def run_comparison(cfg: DictConfig, root: Path, worker_setup: Callable[[], None] | None = None) -> Path:
+    """Run everything planned, then write ``results.json``, ``report.md`` and ``report.html`` (``worker_setup``:
+    what each worker process does first when runs go side by side, e.g. configure logging)."""
     report_dir = report_dir_for(cfg)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -111,7 +113,7 @@ def run_comparison(cfg: DictConfig, root: Path) -> Path:
         f"{cfg.compare.name}: {list(cfg.compare.regimes)} x seeds {list(cfg.compare.seeds)} x shots "
         f"{[shots_key(s) for s in cfg.compare.shots]}, preset {cfg.compare.preset} -> {report_dir}"
     )
-    records, skipped = run_all(cfg, report_dir)
+    records, skipped = run_all(cfg, report_dir, worker_setup)
     results = {
         "name": cfg.compare.name,
         "preset": cfg.compare.preset,

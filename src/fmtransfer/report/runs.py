@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from fmtransfer.analysis import transfer_by_depth
 from fmtransfer.errors import ConfigError
 from fmtransfer.hashing import mapping_key, source_fingerprint
-from fmtransfer.regimes import run_regime, with_regime
-from fmtransfer.report.selection import Selection, final_config, select
+from fmtransfer.regimes import with_regime
+from fmtransfer.report.schedule import RunScheduler, worker_count
+from fmtransfer.report.selection import Selection, candidates_of, final_config, select
 
 RUN_FIELDS = (
     "regime",
@@ -88,6 +90,19 @@ def plan_groups(cfg: DictConfig) -> list[tuple[str, str]]:
     return [(shots_key(k), r) for k in shots_order for r in c.regimes]
 
 
+def planned_runs(cfg: DictConfig) -> dict[str, int]:
+    """Training runs a comparison plans per regime, at most: each (regime, shots)'s candidates x folds, then a final
+    run per seed. Folds are ``compare.selection.folds`` (a k-shot pool has at most k, none at k=1; a given
+    validation split of ``min_scored`` images is one fold, which only the data can tell: counted as the folds)."""
+    folds = int(cfg.compare.selection.folds)
+    runs: dict[str, int] = {}
+    for shots, regime in plan_groups(cfg):
+        k = folds if shots == "all" else min(folds, int(shots))
+        k = k if k >= 2 else 0  # a class of one image: no selection (protocol "none")
+        runs[regime] = runs.get(regime, 0) + len(candidates_of(cfg, regime)) * k + len(cfg.compare.seeds)
+    return runs
+
+
 def extract_seconds_of(metrics: dict) -> float:
     """Build time of the train/validation caches the run read (hit or not: what the run would cost alone); runs
     from before ``cache_build_seconds``: the extraction the run itself did."""
@@ -96,35 +111,6 @@ def extract_seconds_of(metrics: dict) -> float:
     frozen = (metrics.get("cache") or {}).get("extract_seconds")
     prefix = (metrics.get("partial") or {}).get("prefix_extract_seconds")
     return float(frozen or prefix or 0.0)
-
-
-class BudgetedRunner:
-    """Runs (or reuses) one run dir at a time within ``compare.time_budget_s``: a run is started only if the
-    longest run so far would still end within the budget."""
-
-    def __init__(self, budget: float | None):
-        self.budget = budget
-        self.started = time.perf_counter()
-        self.longest = 0.0
-
-    def __call__(self, label: str, run_cfg: DictConfig, run_dir: Path) -> dict | None:
-        done = run_dir / "metrics.json"
-        if done.is_file():
-            log.info(f"{label}: done earlier, reusing {done}")
-            return json.loads(done.read_text())
-        if self.budget is not None and time.perf_counter() - self.started + self.longest > self.budget:
-            log.warning(f"{label}: not run (compare.time_budget_s={self.budget} would be exceeded)")
-            return None
-        log.info(f"{label}: running")
-        start = time.perf_counter()
-        metrics = run_regime(run_cfg, run_dir)
-        seconds = time.perf_counter() - start
-        self.longest = max(self.longest, seconds)
-        scored = (
-            f"test acc {metrics['test']['acc']:.4f}" if metrics["test"] else f"fold acc {metrics['val']['acc']:.4f}"
-        )
-        log.info(f"{label}: {scored} in {seconds:.0f} s")
-        return metrics
 
 
 def run_record(metrics: dict, run_dir: Path, shots: str, selection: Selection) -> dict:
@@ -157,38 +143,60 @@ def final_run_config(cfg: DictConfig, regime: str, seed: int, shots: str, select
     return final
 
 
-def run_all(cfg: DictConfig, report_dir: Path) -> tuple[list[dict], list[dict]]:
+def run_all(
+    cfg: DictConfig, report_dir: Path, worker_setup: Callable[[], None] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Select, then run (or reuse) the final runs of every (regime, shots); returns the records of the final runs
     done, and the planned final runs not started because ``compare.time_budget_s`` ran out (``{"regime", "seed",
-    "shots_per_class"}`` each)."""
+    "shots_per_class"}`` each). With ``compare.workers`` above 1 the groups run at once, their runs side by side in
+    that many worker processes (each set up by ``worker_setup``)."""
     report_dir = report_dir.resolve()  # results.json names run dirs absolutely (not relative to the cwd of the run)
-    runner = BudgetedRunner(cfg.compare.get("time_budget_s"))
-    seeds = list(cfg.compare.seeds)
+    workers = worker_count(cfg.compare.get("workers"), str(cfg.trainer.accelerator))
     groups = plan_groups(cfg)
-    records, skipped = [], []
-    for g, (shots, regime) in enumerate(groups, 1):
-        base = run_config(cfg, regime, seeds[0], shots)
-        select_dir = report_dir / "select" / f"{regime}-shots{shots}"
-        selection = select(cfg, regime, shots, select_dir, runner, base)
-        if not selection.complete:
-            skipped += [{"regime": regime, "seed": s, "shots_per_class": shots} for s in seeds]
-            continue
-        log.info(f"selected {g}/{len(groups)}: {regime}, shots {shots}: {describe_selection(selection)}")
-        group = []
-        for seed in seeds:
-            run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
-            final = final_run_config(cfg, regime, seed, shots, selection)
-            metrics = runner(f"final {g}/{len(groups)}: {regime}, seed {seed}, shots {shots}", final, run_dir)
-            if metrics is None:
-                skipped.append({"regime": regime, "seed": seed, "shots_per_class": shots})
-                continue
-            group.append((metrics, run_dir))
-        records += [run_record(metrics, run_dir, shots, selection) for metrics, run_dir in group]
+    with RunScheduler(cfg.compare.get("time_budget_s"), workers, worker_setup) as runner:
+        if workers > 1:
+            log.info(f"{len(groups)} groups at once, runs side by side in {workers} worker processes")
+            with ThreadPoolExecutor(len(groups)) as threads:
+                done = list(
+                    threads.map(lambda g: run_group(cfg, report_dir, runner, g, len(groups)), enumerate(groups, 1))
+                )
+        else:
+            done = [run_group(cfg, report_dir, runner, g, len(groups)) for g in enumerate(groups, 1)]
+    records = [r for group_records, _ in done for r in group_records]
+    skipped = [s for _, group_skipped in done for s in group_skipped]
     if not records:
         raise ConfigError(
             f"compare.time_budget_s={cfg.compare.get('time_budget_s')}: the budget ran out before any final run "
             "finished; raise it."
         )
+    return records, skipped
+
+
+def run_group(
+    cfg: DictConfig, report_dir: Path, runner: RunScheduler, group: tuple[int, tuple[str, str]], count: int
+) -> tuple[list[dict], list[dict]]:
+    """One (shots, regime): its selection, then a final run per seed: ``(records, not run)``."""
+    g, (shots, regime) = group
+    seeds = list(cfg.compare.seeds)
+    base = run_config(cfg, regime, seeds[0], shots)
+    select_dir = report_dir / "select" / f"{regime}-shots{shots}"
+    selection = select(cfg, regime, shots, select_dir, runner, base)
+    if not selection.complete:
+        return [], [{"regime": regime, "seed": s, "shots_per_class": shots} for s in seeds]
+    log.info(f"selected {g}/{count}: {regime}, shots {shots}: {describe_selection(selection)}")
+    finals = []
+    for seed in seeds:
+        run_dir = report_dir / "runs" / f"{regime}-shots{shots}-seed{seed}"
+        final = final_run_config(cfg, regime, seed, shots, selection)
+        label = f"final {g}/{count}: {regime}, seed {seed}, shots {shots}"
+        finals.append((seed, run_dir, runner.submit(label, final, run_dir)))
+    records, skipped = [], []
+    for seed, run_dir, future in finals:
+        metrics = future.result()
+        if metrics is None:
+            skipped.append({"regime": regime, "seed": seed, "shots_per_class": shots})
+        else:
+            records.append(run_record(metrics, run_dir, shots, selection))
     return records, skipped
 
 

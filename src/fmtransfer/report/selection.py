@@ -21,7 +21,6 @@ once; chosen epoch 0 means the start was kept and the final runs train 0 epochs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,8 +35,7 @@ from fmtransfer.metrics import METRIC_NAMES
 from fmtransfer.regimes import load_data
 from fmtransfer.regimes.context import write_npz
 from fmtransfer.report.paired import metric_value, paired_se
-
-RunFn = Callable[[str, DictConfig, Path], "dict | None"]  # (label, run config, run dir) -> metrics, None if skipped
+from fmtransfer.report.schedule import RunScheduler
 
 
 @dataclass
@@ -193,7 +191,9 @@ def protocol_for(cfg: DictConfig, shots: str, pool_labels: np.ndarray, given_val
     return ("cv", folds) if folds >= 2 else ("none", 0)
 
 
-def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunFn, base: DictConfig) -> Selection:
+def select(
+    cfg: DictConfig, regime: str, shots: str, select_dir: Path, runner: RunScheduler, base: DictConfig
+) -> Selection:
     """Choose ``regime``'s settings and epochs for ``shots`` (``base``: its run config at the selection seed)."""
     metric = cfg.compare.metric
     data = load_data(base)
@@ -204,10 +204,10 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
     candidates = candidates_of(cfg, regime)
     if protocol == "none":
         return Selection("none", metric, candidates[0])
-    scored, seconds, complete = [], 0.0, True
+    # Every candidate's fold runs are submitted first: a scheduler with workers runs them side by side.
+    submitted = []
     for c, overrides in enumerate(candidates):
         cand = with_overrides(base, overrides)
-        curves, run_dirs, horizons = [], [], []
         for f in range(folds):
             what = f"fold {f + 1}/{folds}" if protocol == "cv" else "validation"
             label = f"select: {regime}, shots {shots}, candidate {c + 1}/{len(candidates)}, {what}"
@@ -215,16 +215,22 @@ def select(cfg: DictConfig, regime: str, shots: str, select_dir: Path, run: RunF
                 cfg_run, run_dir = cv_settings(cand, folds=folds, fold=f), select_dir / f"candidate{c}-fold{f}"
             else:
                 cfg_run, run_dir = cv_settings(cand, given_validation=True), select_dir / f"candidate{c}-val"
-            metrics = run(label, cfg_run, run_dir)
+            submitted.append((c, run_dir, runner.submit(label, cfg_run, run_dir)))
+    scored, seconds = [], 0.0
+    complete = True
+    for c, overrides in enumerate(candidates):
+        curves, run_dirs, horizons = [], [], []
+        for run_dir, future in [(d, f) for i, d, f in submitted if i == c]:
+            metrics = future.result()
             if metrics is None:
                 complete = False
-                break
+                continue
             curves.append(read_curve(run_dir, metrics))
             run_dirs.append(str(run_dir))
             horizons.append(int(metrics.get("planned_epochs") or 0))
             seconds += float(metrics.get("total_seconds") or metrics["train_seconds"])
         if len(curves) < folds:
-            break
+            continue
         curve = candidate_curve(curves, data.num_classes)
         scored.append(
             {

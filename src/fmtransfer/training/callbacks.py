@@ -17,11 +17,14 @@ from fmtransfer.backbone.tuning import relative_grad_norms
 
 
 class EpochTimer(pl.Callback):
-    """Wall time of each training epoch (validation excluded), in ``seconds``."""
+    """Wall time of each training epoch (validation excluded), in ``seconds``; of each validation pass during fit
+    (the sanity check excluded), in ``validation_seconds``."""
 
     def __init__(self):
         self.seconds: list[float] = []
+        self.validation_seconds: list[float] = []
         self._t: float | None = None
+        self._v: float | None = None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t = time.perf_counter()
@@ -31,6 +34,14 @@ class EpochTimer(pl.Callback):
         if self._t is not None:
             self.seconds.append(time.perf_counter() - self._t)
         self._t = None
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._v = None if trainer.sanity_checking or trainer.state.fn != "fit" else time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._v is not None:
+            self.validation_seconds.append(time.perf_counter() - self._v)
+        self._v = None
 
 
 class RelativeGradNormLR(pl.Callback):
@@ -68,6 +79,7 @@ class BestEpoch(pl.Callback):
         self.monitor, self.mode = monitor, mode
         self.best_score: float | None = None
         self.epochs = 0
+        self.metrics: dict[str, float] = {}  # every ``val/*`` metric of that validation
 
     def on_validation_end(self, trainer, pl_module):
         # Only validations during fit count (not the sanity check, nor trainer.validate calls before or after).
@@ -76,12 +88,14 @@ class BestEpoch(pl.Callback):
         score = float(trainer.callback_metrics[self.monitor])
         if self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score):
             self.best_score, self.epochs = score, trainer.current_epoch + 1
+            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     def state_dict(self) -> dict:
-        return {"best_score": self.best_score, "epochs": self.epochs}
+        return {"best_score": self.best_score, "epochs": self.epochs, "metrics": self.metrics}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_score, self.epochs = state_dict["best_score"], state_dict["epochs"]
+        self.metrics = state_dict.get("metrics") or {}
 
 
 class ValidationCurve(pl.Callback):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,28 +65,37 @@ def _callback(trainer: pl.Trainer, kind: type):
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
+@dataclass
+class StartingScore:
+    """The starting weights on validation: ``monitor``'s value, every ``val/*`` metric, per-image outputs."""
+
+    score: float
+    metrics: dict[str, float]
+    predictions: dict | None
+
+
 def _starting_score(
     trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, monitor: str, store: Path
-) -> tuple[float, dict | None]:
-    """``monitor`` of the starting weights on validation and their per-image validation outputs (read back from
-    ``store`` when the run resumes)."""
+) -> StartingScore:
+    """The starting weights scored on validation (read back from ``store`` when the run resumes)."""
     if store.is_file():
         saved = torch.load(store, map_location="cpu", weights_only=True)
-        return float(saved["score"]), saved.get("val_predictions")
+        return StartingScore(float(saved["score"]), saved.get("metrics") or {}, saved.get("val_predictions"))
     # Not logged: the logs (and the report's learning curves read from them) hold one validation per epoch.
     loggers, trainer.loggers = trainer.loggers, []
     try:
-        score = float(trainer.validate(module, datamodule=datamodule, verbose=False)[0][monitor])
+        metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     finally:
         trainer.loggers = loggers
-    predictions = module.val_predictions
+    start = StartingScore(metrics[monitor], metrics, module.val_predictions)
     if trainer.is_global_zero:
         store.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        saved = {"score": start.score, "metrics": metrics, "state_dict": state, "val_predictions": start.predictions}
         tmp = store.with_suffix(".tmp")
-        torch.save({"score": score, "state_dict": state, "val_predictions": predictions}, tmp)
+        torch.save(saved, tmp)
         tmp.replace(store)  # never a half-written start: a resumed run would trust it
-    return score, predictions
+    return start
 
 
 def fit_select_test(
@@ -113,34 +123,36 @@ def fit_select_test(
     if resuming:
         log.info(f"resuming from {last_path}")
     store = Path(best.dirpath) / START_FILE
-    start_score = None
+    start = None
     began = time.perf_counter()
     curve = ValidationCurve()
     if include_start and best.monitor == "val/loss" and best.mode == "min":
-        start_score, start_predictions = _starting_score(trainer, module, datamodule, best.monitor, store)
-        curve.add(0, start_predictions)
+        start = _starting_score(trainer, module, datamodule, best.monitor, store)
+        curve.add(0, start.predictions)
     best_epoch = BestEpoch(best.monitor, best.mode)
     trainer.callbacks += [best_epoch, curve]
     reseed(seed)
-    start = time.perf_counter()
+    fit_began = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_path) if resuming else None)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - fit_began
     selected, best_path = "best epoch", str(best.best_model_path)
-    kept_start = start_score is not None and (
-        best.best_model_score is None or start_score < float(best.best_model_score)
-    )
+    kept_start = start is not None and (best.best_model_score is None or start.score < float(best.best_model_score))
     if kept_start:
         module.load_state_dict(torch.load(store, map_location="cpu", weights_only=True)["state_dict"])
         best_path = str(Path(best.dirpath) / "initial.ckpt")
         trainer.save_checkpoint(best_path)
         selected = "initial state (no epoch improved the validation loss)"
+    # The selected weights' validation metrics were computed when they were scored (the start's, or the best
+    # epoch's validation): validating them again would cost a pass and give the same numbers.
+    val = (start.metrics if kept_start else best_epoch.metrics) if start is not None else {}
+    if not all(f"val/{m}" in val for m in METRIC_NAMES):
+        val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
     # Model selection used validation only; the test split is evaluated once, with the selected weights.
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0] if evaluate_test else None
     phases = {
-        "start_score": start - began,
+        "start_score": fit_began - began,
         "fit": train_seconds,
-        "final_evaluation": time.perf_counter() - start - train_seconds,
+        "final_evaluation": time.perf_counter() - fit_began - train_seconds,
     }
     return {
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
@@ -199,6 +211,7 @@ def _test_results(
     """What every fit reports besides validation and selection: test metrics, sizes, times, memory, device."""
     timer, memory = _callback(trainer, EpochTimer), _callback(trainer, PeakMemory)
     epoch_seconds = timer.seconds if timer is not None else []
+    validations = timer.validation_seconds if timer is not None else []
     tested = test is not None
     return {
         "test": {m: round(float(test[f"test/{m}"]), 6) for m in METRIC_NAMES} if tested else None,
@@ -210,6 +223,8 @@ def _test_results(
         "phase_seconds": phases,
         "epochs": len(epoch_seconds),
         "seconds_per_epoch": round(sum(epoch_seconds) / max(1, len(epoch_seconds)), 4),
+        # One validation pass during fit (None: none ran), the yardstick of the run's start and final evaluations.
+        "seconds_per_validation": round(sum(validations) / len(validations), 4) if validations else None,
         "peak_memory_bytes": int(memory.peak_bytes) if memory is not None else None,
         "peak_memory_kind": memory.kind if memory is not None else None,
         "device": str(trainer.strategy.root_device),
