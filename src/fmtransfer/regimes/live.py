@@ -21,6 +21,7 @@ from fmtransfer.backbone import (
     depthwise_backward_in_float32,
     to_channels_last,
 )
+from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, fit_regularised_probe
 from fmtransfer.regimes.context import RunContext, start_run
 from fmtransfer.training import ImageDataModule, RelativeGradNormLR, TrainingTools, fit_select_test, reseed
@@ -145,7 +146,19 @@ def image_datamodule(ctx: RunContext, batch_size: int) -> ImageDataModule:
         ctx.train_augment,
         num_workers=ctx.cfg.data.num_workers,
         pin_memory=ctx.tools.placement.cuda,
+        decode_once_bytes=decode_once_bytes(
+            ctx.cfg.data.get("decode_once", "auto"), ctx.tools.placement.resident_bytes
+        ),
     )
+
+
+def decode_once_bytes(setting, resident_bytes: int) -> int:
+    """``data.decode_once``: auto (when the decoded splits fit in ``trainer.resident_data_mb``), true or false."""
+    if setting == "auto":
+        return resident_bytes
+    if isinstance(setting, bool):
+        return 2**62 if setting else 0
+    raise ConfigError(f"data.decode_once={setting!r} must be auto, true or false.")
 
 
 @dataclass

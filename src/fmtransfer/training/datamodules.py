@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from fmtransfer.backbone import build_eval_transform, build_train_transform
+from fmtransfer.backbone.tensor_transforms import NotOnTensors, TensorAugment, TensorEval, to_uint8_tensor
 from fmtransfer.cache import CachedSplit, CacheResult
 from fmtransfer.data import ImageClassificationDataset
+from fmtransfer.data.decoded import DecodedImages, decode, decoded_bytes
 from fmtransfer.heads import InMemoryDataset
 from fmtransfer.training.placement import Placement, feature_batches
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -52,7 +58,13 @@ class _EvaluateOnce(pl.LightningDataModule):
 class ImageDataModule(_EvaluateOnce):
     """Decoded images of every split: timm's training augmentation with ``augment``'s settings on train (None: the
     eval transform there too), the eval transform elsewhere. A last, smaller training batch is dropped unless
-    ``drop_last_train`` is false (BatchNorm in train mode cannot take a batch of one image)."""
+    ``drop_last_train`` is false (BatchNorm in train mode cannot take a batch of one image).
+
+    ``decode_once_bytes`` > 0: when the decoded splits fit in that many bytes, each split is decoded once (reused by
+    the process's later runs) and transformed on the training device, batch by batch (``on_after_batch_transfer``:
+    timm's own augmentation draws, the resize on tensors; evaluation images resized and cropped once, bit-identical
+    to timm's transform); on a GPU the tensors stay on it. Otherwise images are decoded and transformed every epoch.
+    """
 
     def __init__(
         self,
@@ -63,6 +75,7 @@ class ImageDataModule(_EvaluateOnce):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last_train: bool = True,
+        decode_once_bytes: int = 0,
     ):
         super().__init__()
         self.splits = splits
@@ -72,11 +85,57 @@ class ImageDataModule(_EvaluateOnce):
         self.augment = augment
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.decode_once_bytes = int(decode_once_bytes)
+        self.decoded: dict[str, DecodedImages] | None = None
+        self.tensor_augment: TensorAugment | None = None
+        self.tensor_eval: TensorEval | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.decode_once_bytes > 0 and self.decoded is None:
+            self.decoded = self._decode_once()
+
+    def _decode_once(self) -> dict[str, DecodedImages] | None:
+        """Every split decoded once, or None (the decoded splits would not fit, or the augmentation has an op that
+        does not run on tensors): said in the log either way."""
+        evaluate = TensorEval(build_eval_transform(self.data_config))
+        try:
+            augment = TensorAugment(build_train_transform(self.data_config, self.augment)) if self.augment else None
+        except NotOnTensors as exc:
+            log.info(f"images decoded every epoch: {exc}")
+            return None
+        size = tuple(self.data_config["input_size"][1:])
+        need = sum(
+            decoded_bytes(split, None if name == "train" and augment is not None else size)
+            for name, split in self.splits.items()
+        )
+        if need > self.decode_once_bytes:
+            log.info(
+                f"images decoded every epoch: decoded once they would take {need / 2**20:.0f} MiB, over "
+                f"{self.decode_once_bytes / 2**20:.0f} MiB (trainer.resident_data_mb)"
+            )
+            return None
+        self.tensor_augment, self.tensor_eval = augment, evaluate
+        decoded = {
+            name: decode(
+                split, to_uint8_tensor if name == "train" and augment else evaluate.prepare, self.decode_once_bytes
+            )
+            for name, split in self.splits.items()
+        }
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return {name: d.to(device) for name, d in decoded.items()} if device.type == "cuda" else decoded
 
     def loader(self, split: str) -> DataLoader:
         train = split == "train"
-        eval_tf = build_eval_transform(self.data_config)
         augmented = train and self.augment is not None
+        if self.decoded is not None:
+            return DataLoader(
+                self.decoded[split],
+                batch_size=self.batch_size,
+                shuffle=train,
+                drop_last=train and self.drop_last_train and len(self.decoded[split]) > self.batch_size,
+                collate_fn=collate_sizes if augmented else None,
+            )
+        eval_tf = build_eval_transform(self.data_config)
         transform = build_train_transform(self.data_config, self.augment) if augmented else eval_tf
         return DataLoader(
             ImageClassificationDataset(self.splits[split], transform),
@@ -90,6 +149,21 @@ class ImageDataModule(_EvaluateOnce):
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Decoded images, on the training device: augmented (a list of any sizes) or normalised (a batch)."""
+        if self.decoded is None:
+            return batch
+        images, *rest = batch
+        if isinstance(images, list):
+            return (self.tensor_augment(images), *rest)
+        return (self.tensor_eval(images), *rest)
+
+
+def collate_sizes(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Images of different sizes as a list; labels and indices as tensors."""
+    images, labels, index = zip(*batch, strict=True)
+    return list(images), torch.tensor(labels), torch.tensor(index)
 
 
 class CachedFeatureDataModule(_EvaluateOnce):

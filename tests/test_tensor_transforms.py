@@ -1,0 +1,105 @@
+"""Images decoded once and transformed on the training device: timm's own transforms are the reference (the same
+random draws, the same evaluation floats), and a live run on decoded splits reads no image file while it trains."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from fmtransfer.backbone import build_eval_transform, build_train_transform, describe_backbone, resolve_data_config
+from fmtransfer.backbone.tensor_transforms import NotOnTensors, TensorAugment, TensorEval, to_uint8_tensor
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    """scikit-learn's two bundled photographs (427x640), and crops of them of other sizes and shapes."""
+    a, b = (Image.fromarray(x) for x in load_sample_images().images)
+    return [a, b, a.crop((0, 0, 300, 200)), b.crop((50, 20, 250, 420)), a.resize((97, 61))]
+
+
+@pytest.fixture(scope="module")
+def data_config() -> dict:
+    return resolve_data_config(describe_backbone("tf_efficientnet_lite0", "random", None).pretrained_cfg, image_size=96)
+
+
+def test_evaluation_images_prepared_once_are_the_floats_timm_s_transform_makes(photos, data_config):
+    timm_eval = build_eval_transform(data_config)
+    ours = TensorEval(timm_eval)
+    prepared = torch.stack([ours.prepare(p) for p in photos])
+    assert prepared.dtype == torch.uint8 and prepared.shape == (len(photos), 3, 96, 96)
+    assert torch.equal(ours(prepared), torch.stack([timm_eval(p) for p in photos]))
+
+
+@pytest.mark.parametrize("augment", [{}, {"scale": (0.35, 1.0), "color_jitter": 0.0}, {"hflip": 0.0}])
+def test_augmentation_on_tensors_draws_what_timm_s_draws_and_makes_the_same_images(photos, data_config, augment):
+    timm_train = build_train_transform(data_config, augment)
+    ours = TensorAugment(timm_train)
+    tensors = [to_uint8_tensor(p) for p in photos] * 4
+    crop = timm_train.transforms[0]
+    random.seed(3)
+    expected_boxes = [crop.get_params(p, crop.scale, crop.ratio) for p in photos * 4]
+    random.seed(3)
+    assert [ours.crop_box(t) for t in tensors] == expected_boxes  # same parameters, same generator
+    random.seed(7), torch.manual_seed(7)
+    reference = torch.stack([timm_train(p) for p in photos * 4])
+    random.seed(7), torch.manual_seed(7)
+    batch = ours(tensors)
+    assert batch.shape == reference.shape == (20, 3, 96, 96)
+    # Only the resampling differs (torchvision's antialiased resize on the tensor against PIL's): the same crops,
+    # flips and jitter leave images within a few grey levels of timm's on average.
+    difference = (batch - reference).abs()
+    assert difference.mean() < 0.01 and torch.quantile(difference.flatten(), 0.99) < 0.05
+    assert (batch - torch.stack([timm_train(p) for p in photos * 4])).abs().mean() > 0.05, "other draws, other images"
+
+
+def test_an_augmentation_without_a_tensor_counterpart_is_said_not_run(data_config):
+    with pytest.raises(NotOnTensors, match="RandomErasing"):
+        TensorAugment(build_train_transform(data_config, {"re_prob": 0.5}))
+
+
+def test_a_live_run_on_decoded_splits_reads_no_image_while_it_trains_and_the_next_run_reuses_them(
+    tmp_path, tiny_overrides, monkeypatch
+):
+    from fmtransfer.cli.config import compose_config
+    from fmtransfer.data import decoded as decoded_mod
+    from fmtransfer.regimes import run_regime
+
+    overrides = [
+        *tiny_overrides,
+        "data.shots_per_class=3",
+        "regime=finetune",
+        "regime.epochs=2",
+        "regime.min_steps=2",
+        "regime.image_size=32",
+        "data.decode_once=true",
+    ]
+    decodes = []
+    real_to_rgb = decoded_mod.to_rgb
+    monkeypatch.setattr(decoded_mod, "to_rgb", lambda image: decodes.append(1) or real_to_rgb(image))
+
+    class NoPerEpochImages:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a per-epoch image dataset was built: images would be decoded every epoch")
+
+    monkeypatch.setattr("fmtransfer.training.datamodules.ImageClassificationDataset", NoPerEpochImages)
+    first = run_regime(compose_config(overrides), tmp_path / "first")
+    assert first["epochs"] >= 2 and len(decodes) == sum(first["split_sizes"].values())  # each image once
+    second = run_regime(compose_config([*overrides, "seed=1"]), tmp_path / "second")
+    assert second["epochs"] >= 2 and len(decodes) == sum(first["split_sizes"].values()), "reused, not decoded"
+    assert np.isfinite(second["val"]["acc"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the augmentation on GPU-resident images")
+def test_augmentation_on_gpu_resident_images_matches_the_cpu_s(photos, data_config):
+    ours = TensorAugment(build_train_transform(data_config, {}))
+    tensors = [to_uint8_tensor(p) for p in photos]
+    random.seed(5), torch.manual_seed(5)
+    on_cpu = ours(tensors)
+    random.seed(5), torch.manual_seed(5)
+    on_gpu = ours([t.cuda() for t in tensors])
+    assert on_gpu.is_cuda and (on_gpu.cpu() - on_cpu).abs().max() < 0.02
