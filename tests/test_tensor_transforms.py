@@ -4,6 +4,7 @@ random draws, the same evaluation floats), and a live run on decoded splits read
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -78,6 +79,7 @@ def test_a_live_run_on_decoded_splits_reads_no_image_while_it_trains_and_the_nex
         "regime.image_size=32",
         "data.decode_once=true",
     ]
+    monkeypatch.setattr(decoded_mod, "_DECODED", OrderedDict())  # nothing decoded by earlier tests' runs
     decodes = []
     real_to_rgb = decoded_mod.to_rgb
     monkeypatch.setattr(decoded_mod, "to_rgb", lambda image: decodes.append(1) or real_to_rgb(image))
