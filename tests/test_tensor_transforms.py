@@ -105,3 +105,60 @@ def test_augmentation_on_gpu_resident_images_matches_the_cpu_s(photos, data_conf
     random.seed(5), torch.manual_seed(5)
     on_gpu = ours([t.cuda() for t in tensors])
     assert on_gpu.is_cuda and (on_gpu.cpu() - on_cpu).abs().max() < 0.02
+
+
+def photo_folder(root, photos_per_class: int = 10):
+    """An ImageFolder of JPEGs: crops of scikit-learn's two photographs (one class each), train/validation/test."""
+    rng = np.random.default_rng(0)
+    for cls, photo in zip(("china", "flower"), load_sample_images().images, strict=True):
+        for k in range(photos_per_class):
+            split = "train" if k < photos_per_class - 4 else ("validation" if k % 2 else "test")
+            top, left = rng.integers(0, 200), rng.integers(0, 300)
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo[top : top + 180, left : left + 240]).save(folder / f"{k}.jpg", quality=90)
+    return root
+
+
+def test_jpegs_decoded_on_the_extracting_device_give_the_maps_pil_gives_under_their_own_cache_key(tmp_path):
+    """cache.decode=device (what auto picks on a GPU for JPEGs) runs here on the CPU: torchvision decodes each batch
+    of encoded files where the model runs; the maps match PIL's up to resampling, in an entry of their own."""
+    from fmtransfer.cache import CachedSplit
+    from fmtransfer.cli.config import compose_config
+    from fmtransfer.regimes import run_regime
+
+    data = photo_folder(tmp_path / "photos")
+    base = [
+        f"data.path={data}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "data.image_size=64",
+        "head.epochs=2",
+        "head.min_steps=0",
+        "trainer.progress_bar=false",
+        "cache.levels=[pre_logits]",
+    ]
+    entries = {}
+    for mode in ("pil", "device"):
+        metrics = run_regime(compose_config([*base, f"cache.decode={mode}"]), tmp_path / mode)
+        entries[mode] = CachedSplit.open(metrics["cache"]["entries"]["test"])
+    assert entries["pil"].path != entries["device"].path
+    assert "JpegEval" in entries["device"].manifest["parts"]["transform"]
+    pil, device = (e.load("pre_logits").astype(np.float32) for e in (entries["pil"], entries["device"]))
+    cosine = (pil * device).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(device, axis=1)
+    assert pil.shape == device.shape and cosine.min() > 0.98
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: nvJPEG decoding during extraction")
+def test_on_a_gpu_auto_decodes_jpegs_on_it(tmp_path):
+    from fmtransfer.cli.config import compose_config
+    from fmtransfer.regimes import run_regime
+
+    data = photo_folder(tmp_path / "photos")
+    overrides = [f"data.path={data}", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    metrics = run_regime(
+        compose_config([*overrides, "trainer=gpu", "head.epochs=2", "cache.levels=[pre_logits]"]), tmp_path / "r"
+    )
+    from fmtransfer.cache import CachedSplit
+
+    assert "JpegEval" in CachedSplit.open(metrics["cache"]["entries"]["test"]).manifest["parts"]["transform"]

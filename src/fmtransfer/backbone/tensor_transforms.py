@@ -103,3 +103,21 @@ class TensorEval:
 
     def __repr__(self) -> str:
         return f"TensorEval({self.resize_crop!r}, {self.normalize!r})"
+
+
+class JpegEval:
+    """timm's evaluation transform for JPEG files decoded by torchvision on the extracting device (nvJPEG on a GPU):
+    the encoded bytes of a batch in, normalised ``[N, 3, h, w]`` out, resize and crop on the tensors (antialiased,
+    the same interpolation; the floats differ from PIL's by resampling only, so the cache keys them apart)."""
+
+    def __init__(self, transform: transforms.Compose):
+        self.eval = TensorEval(transform)
+
+    def __call__(self, encoded: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        decoded = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
+        return self.eval(torch.stack([self.eval.resize_crop(image) for image in decoded]))
+
+    def __repr__(self) -> str:
+        return f"JpegEval(torchvision decode_jpeg on the device, {self.eval!r})"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,9 +21,11 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from fmtransfer.backbone import FeatureMapExtractor, FrozenModule, LevelInfo, to_channels_last
+from fmtransfer.backbone.tensor_transforms import JpegEval
 from fmtransfer.cache.shards import ShardWriter, merge_shards, remove_shards, shard_root
 from fmtransfer.cache.store import CachedSplit, CacheEntryWriter, FeatureCache, fingerprint_key, now_iso
 from fmtransfer.data import ImageClassificationDataset, split_fingerprint
+from fmtransfer.data.images import EncodedImages, collate_image_list
 from fmtransfer.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,10 +67,11 @@ def pool_map(x: torch.Tensor, pool: str, size: int) -> torch.Tensor:
 class FeatureExtractionModule(pl.LightningModule):
     """Frozen backbone in a LightningModule: ``predict_step`` returns the (pooled, cast) maps of a batch."""
 
-    def __init__(self, extractor: FeatureMapExtractor, spec: CacheSpec):
+    def __init__(self, extractor: FeatureMapExtractor, spec: CacheSpec, decode: JpegEval | None = None):
         super().__init__()
         self.extractor = FrozenModule(extractor)
         self.spec = spec
+        self.decode = decode  # batches of encoded JPEGs, decoded and transformed here, on the model's device
 
     @property
     def dtype_stored(self) -> torch.dtype:
@@ -81,6 +86,8 @@ class FeatureExtractionModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int):
         images, labels, indices = batch
+        if self.decode is not None:
+            images = self.decode(images, self.device)
         maps = {k: checked_map(k, v, v.to(self.dtype_stored)) for k, v in self.pooled(images).items()}
         return {"maps": maps, "labels": labels, "indices": indices}
 
@@ -103,15 +110,68 @@ def checked_map(level: str, computed: torch.Tensor, stored: torch.Tensor) -> tor
 
 
 class FeatureMapWriter(BasePredictionWriter):
-    """Writes each predicted batch into the cache entry at the samples' own indices."""
+    """Writes each predicted batch into the cache entry at the samples' own indices, on a background thread, so the
+    next batch's forward pass runs while this one is written. From a GPU, the maps are copied asynchronously into
+    pinned host memory and the thread waits for that copy only. At most ``pending`` batches wait; a failed write
+    is raised in the extracting thread (at the next batch, or when prediction ends)."""
 
-    def __init__(self, writer: CacheEntryWriter):
+    def __init__(self, writer: CacheEntryWriter, pending: int = 4):
         super().__init__(write_interval="batch")
         self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=pending)
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def _write_all(self) -> None:
+        while (item := self.queue.get()) is not None:
+            copied, indices, labels, maps = item
+            if self.error is not None:
+                continue  # drain: the extracting thread raises the first error
+            try:
+                if copied is not None:
+                    copied.synchronize()
+                self.writer.write(indices.numpy(), labels.numpy(), {k: v.numpy() for k, v in maps.items()})
+            except BaseException as exc:
+                self.error = exc
+
+    def _raise_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def on_predict_start(self, trainer, pl_module):
+        self.thread = threading.Thread(target=self._write_all, name="cache-writer", daemon=True)
+        self.thread.start()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        maps = {k: v.cpu().numpy() for k, v in prediction["maps"].items()}
-        self.writer.write(prediction["indices"].cpu().numpy(), prediction["labels"].cpu().numpy(), maps)
+        self._raise_failed()
+        maps, copied = prediction["maps"], None
+        if any(v.is_cuda for v in maps.values()):
+            maps = {k: _pinned_copy(v) for k, v in maps.items()}
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            maps = {k: v.cpu() for k, v in maps.items()}
+        self.queue.put((copied, prediction["indices"].cpu(), prediction["labels"].cpu(), maps))
+
+    def _finish(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def on_predict_end(self, trainer, pl_module):
+        self._finish()
+        self._raise_failed()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._finish()
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (on a GPU) copied into new pinned host memory without waiting for the copy."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def map_shapes(extractor: FeatureMapExtractor, spec: CacheSpec, image_size: tuple[int, int, int]) -> dict:
@@ -188,6 +248,7 @@ def ensure_feature_cache(
     multi-process ``trainer_kwargs`` (``devices``/``num_nodes`` > 1: Lightning DDP) every rank extracts its part of
     the split into a shard and rank 0 merges the shards into the same entry a single process would write.
     ``channels_last`` runs the backbone in NHWC layout and ``pin_memory`` pins the image batches (both for GPUs).
+    A ``JpegEval`` transform reads the files undecoded and decodes each batch on the model's device.
     """
     trainer_kwargs = {"devices": 1, "precision": "32-true", **(trainer_kwargs or {})}
     parts = cache_parts(
@@ -235,19 +296,22 @@ def ensure_feature_cache(
             trainer.callbacks.append(
                 ShardWriter(shards, len(split), shapes, DTYPES[spec.dtype]) if distributed else FeatureMapWriter(writer)
             )
+            encoded = isinstance(transform, JpegEval)  # decoded batch by batch on the model's device
             loader = DataLoader(
-                ImageClassificationDataset(split, transform),
+                EncodedImages(split) if encoded else ImageClassificationDataset(split, transform),
                 batch_size=batch_size,
                 shuffle=False,
                 num_workers=num_workers,
                 persistent_workers=False,
-                pin_memory=pin_memory,
+                pin_memory=pin_memory and not encoded,
+                collate_fn=collate_image_list if encoded else None,
             )
             log.info(
                 f"extracting {', '.join(names)} for {len(split)} '{split_name}' images"
                 f"{f' with {trainer.world_size} processes' if distributed else ''} -> {final}"
             )
-            trainer.predict(FeatureExtractionModule(extractor, spec), loader, return_predictions=False)
+            module = FeatureExtractionModule(extractor, spec, transform if encoded else None)
+            trainer.predict(module, loader, return_predictions=False)
             distribution = merge_shards(shards, trainer.world_size, writer) if distributed and writer else None
             seconds = time.perf_counter() - start
             if writer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +51,48 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if getattr(self.transform, "takes_index", False):
             return self.transform(image, index), int(row["label"]), index
         return self.transform(image), int(row["label"]), index
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """A split's images undecoded, as ``(uint8 tensor of the file's bytes, label, index)``: decoded later, batch by
+    batch, where the model runs (``JpegEval``)."""
+
+    def __init__(self, split: Dataset):
+        self.raw = split.cast_column("image", ImageFeature(decode=False))
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        row = self.raw[index]
+        return torch.frombuffer(bytearray(encoded_bytes(row["image"])), dtype=torch.uint8), int(row["label"]), index
+
+
+def encoded_bytes(image: dict) -> bytes:
+    """An undecoded image's bytes (``{"bytes", "path"}``), read from its file when not stored."""
+    return image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
+
+
+def all_jpeg(split: Dataset) -> bool:
+    """Whether every image of ``split`` is a JPEG (by its first bytes)."""
+    raw = split.cast_column("image", ImageFeature(decode=False))
+    for image in raw["image"]:
+        if image.get("bytes") is not None:
+            head = image["bytes"][:3]
+        else:
+            with open(image["path"], "rb") as f:
+                head = f.read(3)
+        if head != b"\xff\xd8\xff":
+            return False
+    return True
+
+
+def collate_image_list(
+    batch: list[tuple[torch.Tensor, int, int]],
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Images of different sizes (decoded or encoded) as a list; labels and indices as tensors."""
+    images, labels, index = zip(*batch, strict=True)
+    return list(images), torch.tensor(labels), torch.tensor(index)
 
 
 def label_array(split: Dataset) -> np.ndarray:

@@ -27,8 +27,10 @@ from fmtransfer.backbone import (
     describe_backbone,
     resolve_data_config,
 )
+from fmtransfer.backbone.tensor_transforms import JpegEval
 from fmtransfer.cache import CacheResult, CacheSpec, FeatureCache, RowSource, ensure_feature_cache
 from fmtransfer.data import CrossValidation, PreparedData, prepare_data
+from fmtransfer.data.images import all_jpeg
 from fmtransfer.data.leakage import write_pairs
 from fmtransfer.errors import ConfigError
 from fmtransfer.metrics import per_class_table
@@ -172,7 +174,7 @@ class RunContext:
         the entries every other run of the comparison uses), never extracted again.
         """
         origin = self.data.origin.get(split)
-        transform = transform or build_eval_transform(self.data_config)
+        transform = transform or self.eval_transform(self.data.splits[split])
 
         def gather() -> list[RowSource]:
             names, rows = origin
@@ -187,6 +189,17 @@ class RunContext:
         return self.ensure_entry(
             cache, split, self.data.splits[split], cache_spec, build_extractor, transform, gather if origin else None
         )
+
+    def eval_transform(self, split) -> Callable:
+        """timm's evaluation transform, or its ``JpegEval`` (decoding on the GPU) per ``cache.decode``: ``auto``
+        decodes on a CUDA GPU when every image of ``split`` is a JPEG; ``device`` always (any device; JPEGs only);
+        ``pil`` never."""
+        timm_eval = build_eval_transform(self.data_config)
+        mode = str(self.cfg.cache.get("decode") or "pil")
+        if mode not in ("auto", "device", "pil"):
+            raise ConfigError(f"cache.decode={mode} must be auto, device or pil.")
+        on_device = mode == "device" or (mode == "auto" and self.tools.placement.cuda and all_jpeg(split))
+        return JpegEval(timm_eval) if on_device else timm_eval
 
     def ensure_entry(
         self,

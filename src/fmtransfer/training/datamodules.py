@@ -16,6 +16,7 @@ from fmtransfer.backbone.tensor_transforms import NotOnTensors, TensorAugment, T
 from fmtransfer.cache import CachedSplit, CacheResult
 from fmtransfer.data import ImageClassificationDataset
 from fmtransfer.data.decoded import DecodedImages, decode, decoded_bytes
+from fmtransfer.data.images import collate_image_list
 from fmtransfer.heads import InMemoryDataset
 from fmtransfer.training.placement import Placement, feature_batches
 
@@ -133,7 +134,7 @@ class ImageDataModule(_EvaluateOnce):
                 batch_size=self.batch_size,
                 shuffle=train,
                 drop_last=train and self.drop_last_train and len(self.decoded[split]) > self.batch_size,
-                collate_fn=collate_sizes if augmented else None,
+                collate_fn=collate_image_list if augmented else None,
             )
         eval_tf = build_eval_transform(self.data_config)
         transform = build_train_transform(self.data_config, self.augment) if augmented else eval_tf
@@ -158,12 +159,6 @@ class ImageDataModule(_EvaluateOnce):
         if isinstance(images, list):
             return (self.tensor_augment(images), *rest)
         return (self.tensor_eval(images), *rest)
-
-
-def collate_sizes(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Images of different sizes as a list; labels and indices as tensors."""
-    images, labels, index = zip(*batch, strict=True)
-    return list(images), torch.tensor(labels), torch.tensor(index)
 
 
 class CachedFeatureDataModule(_EvaluateOnce):

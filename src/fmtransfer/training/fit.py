@@ -138,15 +138,18 @@ def fit_select_test(
     selected, best_path = "best epoch", str(best.best_model_path)
     kept_start = start is not None and (best.best_model_score is None or start.score < float(best.best_model_score))
     if kept_start:
-        module.load_state_dict(torch.load(store, map_location="cpu", weights_only=True)["state_dict"])
-        best_path = str(Path(best.dirpath) / "initial.ckpt")
-        trainer.save_checkpoint(best_path)
         selected = "initial state (no epoch improved the validation loss)"
+        module.load_state_dict(torch.load(store, map_location="cpu", weights_only=True)["state_dict"])
+        best_path = str(store)  # the starting weights: a fold run, which tests nothing, needs no checkpoint of them
+        if evaluate_test:
+            best_path = str(Path(best.dirpath) / "initial.ckpt")
+            trainer.save_checkpoint(best_path)
     # The selected weights' validation metrics were computed when they were scored (the start's, or the best
     # epoch's validation): validating them again would cost a pass and give the same numbers.
     val = (start.metrics if kept_start else best_epoch.metrics) if start is not None else {}
     if not all(f"val/{m}" in val for m in METRIC_NAMES):
-        val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+        ckpt_path = None if kept_start and not evaluate_test else best_path  # the module holds the start then
+        val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
     # Model selection used validation only; the test split is evaluated once, with the selected weights.
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0] if evaluate_test else None
     phases = {
