@@ -162,3 +162,28 @@ def test_on_a_gpu_auto_decodes_jpegs_on_it(tmp_path):
     from fmtransfer.cache import CachedSplit
 
     assert "JpegEval" in CachedSplit.open(metrics["cache"]["entries"]["test"]).manifest["parts"]["transform"]
+
+
+def test_a_fold_s_decoded_images_are_its_base_splits_tensors_not_new_decodes(monkeypatch):
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from fmtransfer.data import decoded as decoded_mod
+
+    from .conftest import digits_images
+
+    monkeypatch.setattr(decoded_mod, "_DECODED", OrderedDict())
+    pairs = digits_images(4, 3)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=3)})
+    bases = {
+        name: Dataset.from_dict({"image": [p for p, _ in part], "label": [c for _, c in part]}, features=features)
+        for name, part in (("train", pairs[:8]), ("validation", pairs[8:]))
+    }
+    names, rows = ["validation", "train", "train"], np.array([2, 0, 5])
+    fold = Dataset.from_dict({"image": [pairs[10][0], pairs[0][0], pairs[5][0]], "label": [2, 0, 1]}, features=features)
+    decoded = decoded_mod.decode(fold, to_uint8_tensor, 2**30, origin=(names, rows), bases=bases)
+    train, validation = (decoded_mod.decode(bases[n], to_uint8_tensor, 2**30) for n in ("train", "validation"))
+    assert decoded.images[0] is validation.images[2] and decoded.images[2] is train.images[5]
+    assert decoded.labels.tolist() == [2, 0, 1] and torch.equal(
+        decoded.images[1], to_uint8_tensor(pairs[0][0].convert("RGB"))
+    )

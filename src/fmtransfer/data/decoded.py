@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +42,6 @@ class DecodedImages(torch.utils.data.Dataset):
     def nbytes(self) -> int:
         return sum(image.numel() for image in self.images)
 
-    def to(self, device: torch.device) -> DecodedImages:
-        return DecodedImages([image.to(device) for image in self.images], self.labels)
-
 
 def image_sizes(split: Dataset) -> list[tuple[int, int]]:
     """Every image's ``(width, height)`` from its file header (nothing decoded)."""
@@ -64,19 +61,37 @@ def decoded_bytes(split: Dataset, size: tuple[int, int] | None = None) -> int:
     return sum(3 * w * h for w, h in image_sizes(split))
 
 
-_DECODED: OrderedDict[tuple[str, str], DecodedImages] = OrderedDict()
+_DECODED: OrderedDict[tuple[str, str, str], DecodedImages] = OrderedDict()
+
+Origin = tuple[Sequence[str], np.ndarray]  # a split's rows as (base split name, row in it) pairs
 
 
-def decode(split: Dataset, prepare: Prepare, memo_bytes: int = 0) -> DecodedImages:
-    """``split``'s images through ``prepare`` (an RGB PIL image to a uint8 tensor), decoded once per process: a
-    later call for the same split and the same ``prepare`` (by its repr) returns the same tensors. The process keeps
-    at most ``memo_bytes`` of them, the least recently asked for go first."""
+def decode(
+    split: Dataset,
+    prepare: Prepare,
+    memo_bytes: int = 0,
+    device: torch.device | None = None,
+    origin: Origin | None = None,
+    bases: Mapping[str, Dataset] | None = None,
+) -> DecodedImages:
+    """``split``'s images through ``prepare`` (an RGB PIL image to a uint8 tensor), on ``device`` (default: host
+    memory), decoded once per process: a later call for the same split, ``prepare`` (by its repr) and device returns
+    the same tensors. A split made of other splits' rows (``origin``: a cross-validation fold, whose rows come from
+    ``bases``) takes its rows' tensors from those splits' decoded images: every fold of a comparison shares them.
+    The process keeps at most ``memo_bytes`` of decoded images, the least recently asked for go first."""
+    if origin is not None and bases is not None:
+        names, rows = origin
+        decoded = {name: decode(bases[name], prepare, memo_bytes, device) for name in dict.fromkeys(names)}
+        images = [decoded[name].images[int(row)] for name, row in zip(names, rows, strict=True)]
+        return DecodedImages(images, label_array(split))
     fingerprint = getattr(split, "_fingerprint", None)
-    key = (str(fingerprint), repr(prepare))
+    key = (str(fingerprint), repr(prepare), str(device))
     if fingerprint is not None and key in _DECODED:
         _DECODED.move_to_end(key)
         return _DECODED[key]
     images = [prepare(to_rgb(row["image"])) for row in split]
+    if device is not None:
+        images = [image.to(device) for image in images]
     decoded = DecodedImages(images, label_array(split))
     if fingerprint is not None and decoded.nbytes <= memo_bytes:
         _DECODED[key] = decoded

@@ -149,6 +149,8 @@ def image_datamodule(ctx: RunContext, batch_size: int) -> ImageDataModule:
         decode_once_bytes=decode_once_bytes(
             ctx.cfg.data.get("decode_once", "auto"), ctx.tools.placement.resident_bytes
         ),
+        origins=ctx.data.origin,
+        bases=ctx.data.base_splits,
     )
 
 

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
@@ -15,7 +14,7 @@ from fmtransfer.backbone import build_eval_transform, build_train_transform
 from fmtransfer.backbone.tensor_transforms import NotOnTensors, TensorAugment, TensorEval, to_uint8_tensor
 from fmtransfer.cache import CachedSplit, CacheResult
 from fmtransfer.data import ImageClassificationDataset
-from fmtransfer.data.decoded import DecodedImages, decode, decoded_bytes
+from fmtransfer.data.decoded import DecodedImages, Origin, decode, decoded_bytes
 from fmtransfer.data.images import collate_image_list
 from fmtransfer.heads import InMemoryDataset
 from fmtransfer.training.placement import Placement, feature_batches
@@ -62,9 +61,10 @@ class ImageDataModule(_EvaluateOnce):
     ``drop_last_train`` is false (BatchNorm in train mode cannot take a batch of one image).
 
     ``decode_once_bytes`` > 0: when the decoded splits fit in that many bytes, each split is decoded once (reused by
-    the process's later runs) and transformed on the training device, batch by batch (``on_after_batch_transfer``:
-    timm's own augmentation draws, the resize on tensors; evaluation images resized and cropped once, bit-identical
-    to timm's transform); on a GPU the tensors stay on it. Otherwise images are decoded and transformed every epoch.
+    the process's later runs; a split with an entry in ``origins``, a fold, as rows of the ``bases`` splits) and
+    transformed on the training device, batch by batch (``on_after_batch_transfer``: timm's own augmentation draws,
+    the resize on tensors; evaluation images resized and cropped once, bit-identical to timm's transform); on a GPU
+    the tensors stay on it. Otherwise images are decoded and transformed every epoch.
     """
 
     def __init__(
@@ -77,6 +77,8 @@ class ImageDataModule(_EvaluateOnce):
         pin_memory: bool = False,
         drop_last_train: bool = True,
         decode_once_bytes: int = 0,
+        origins: Mapping[str, Origin] | None = None,
+        bases: Mapping[str, Dataset] | None = None,
     ):
         super().__init__()
         self.splits = splits
@@ -87,6 +89,7 @@ class ImageDataModule(_EvaluateOnce):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.decode_once_bytes = int(decode_once_bytes)
+        self.origins, self.bases = dict(origins or {}), bases  # folds: decoded as rows of their base splits
         self.decoded: dict[str, DecodedImages] | None = None
         self.tensor_augment: TensorAugment | None = None
         self.tensor_eval: TensorEval | None = None
@@ -116,14 +119,18 @@ class ImageDataModule(_EvaluateOnce):
             )
             return None
         self.tensor_augment, self.tensor_eval = augment, evaluate
-        decoded = {
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        return {
             name: decode(
-                split, to_uint8_tensor if name == "train" and augment else evaluate.prepare, self.decode_once_bytes
+                split,
+                to_uint8_tensor if name == "train" and augment else evaluate.prepare,
+                self.decode_once_bytes,
+                device if device is not None and device.type == "cuda" else None,  # host memory on the CPU
+                self.origins.get(name),
+                self.bases,
             )
             for name, split in self.splits.items()
         }
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        return {name: d.to(device) for name, d in decoded.items()} if device.type == "cuda" else decoded
 
     def loader(self, split: str) -> DataLoader:
         train = split == "train"
