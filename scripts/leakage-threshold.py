@@ -16,16 +16,20 @@ import torch
 from PIL import Image
 
 from fmtransfer.backbone import FeatureMapExtractor, build_eval_transform, describe_backbone, resolve_data_config
-from fmtransfer.data.leakage import thumbnail
+from fmtransfer.data.leakage import image_signature
 
 
-def near_copy(image: Image.Image) -> Image.Image:
+def near_copy(image: Image.Image) -> bytes:
     image = image.convert("RGB")
     image = image.resize((round(image.width * 0.9), round(image.height * 0.9)), Image.BICUBIC)
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=85)
-    buf.seek(0)
-    return Image.open(buf)
+    return buf.getvalue()
+
+
+def thumbnails(encoded: list[bytes]) -> np.ndarray:
+    """The check's own thumbnails (``image_signature``: decoded as the check decodes them)."""
+    return np.stack([image_signature({"bytes": data, "path": None})[2] for data in encoded])
 
 
 def pre_logits(images: list[Image.Image]) -> np.ndarray:
@@ -44,15 +48,16 @@ def main() -> None:
     root, n = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 40
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     classes = np.array([p.parent.name for p in files])
-    originals = [Image.open(p) for p in files]
+    encoded = [p.read_bytes() for p in files]
+    originals = [Image.open(io.BytesIO(data)) for data in encoded]
     pick = np.random.default_rng(0).choice(len(files), min(n, len(files)), replace=False)
     copies = [near_copy(originals[i]) for i in pick]
     same = (classes[:, None] == classes[None, :]) & ~np.eye(len(files), dtype=bool)
     for name, embed in (("pre-logits cosine", pre_logits), ("thumbnail correlation", None)):
         if embed is None:
-            a, b = np.stack([thumbnail(im) for im in originals]), np.stack([thumbnail(im) for im in copies])
+            a, b = thumbnails(encoded), thumbnails(copies)
         else:
-            a, b = embed(originals), embed(copies)
+            a, b = embed(originals), embed([Image.open(io.BytesIO(data)) for data in copies])
         pairs = np.einsum("ij,ij->i", a[pick], b)
         print(
             f"{root.name}, {name}: copies min {pairs.min():.4f} (median {np.median(pairs):.4f}); distinct same-class "
