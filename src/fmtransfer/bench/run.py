@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.backbone import FeatureMapExtractor, parse_levels, split_level, to_channels_last
 from fmtransfer.bench.fast_path import fast_path_figures
@@ -63,6 +63,41 @@ def cpu_fast_path(cfg: DictConfig, out_dir: Path, cache_dir: Path, device: torch
     model, _ = ctx.spec.create()
     log.info(f"CPU fast path: {f.data} at {ctx.data_config['input_size'][-1]} px")
     return fast_path_figures(ctx, model, cache_dir / "fast", f.train_steps, f.train_batch_size)
+
+
+def jpeg_extraction(cfg: DictConfig, out_dir: Path, cache_dir: Path) -> dict:
+    """Extraction from JPEG files, images decoded by PIL in loader workers vs by torchvision where the model runs
+    (nvJPEG on a GPU; ``cache.decode``), on ``bench.jpeg_extraction.data``'s training JPEGs repeated to at least
+    ``images``, each after an untimed warm-up extraction of one batch; or why it was skipped."""
+    from datasets import concatenate_datasets
+
+    f = cfg.bench.jpeg_extraction
+    if not Path(str(f.data)).is_dir():
+        return {"skipped": f"bench.jpeg_extraction.data={f.data} is not a folder (the shared datasets are absent)"}
+    data = {"data.path": str(f.data), "data.image_size": f.image_size, "data.shots_per_class": None}
+    ctx = start_context(run_config(cfg, cache_dir / "jpeg", **data), out_dir / "jpeg")
+    train = ctx.data.splits["train"]
+    repeated = concatenate_datasets([train] * -(-int(f.images) // len(train)))
+    model, _ = ctx.spec.create()
+    spec = ctx.cache_spec([lv for lv in ctx.spec.levels if lv.name == "pre_logits"])
+    figures = {}
+    for mode in ("pil", "device"):
+        OmegaConf.update(ctx.cfg, "cache.decode", mode)
+        for name, split in (
+            ("warm-up", train.select(range(min(len(train), int(cfg.cache.batch_size))))),
+            ("timed", repeated),
+        ):
+            ctx.data.splits["train"] = split
+            ips, _ = extraction_images_per_second(ctx, model, spec, cache_dir / f"jpeg-{mode}-{name}", "train")
+        figures[f"{mode}_images_per_s"] = round(ips, 1)
+    ctx.data.splits["train"] = train
+    log.info(f"extraction from JPEG files: {figures}")
+    return {
+        **figures,
+        "device_over_pil": round(figures["device_images_per_s"] / figures["pil_images_per_s"], 3),
+        "images": len(repeated),
+        "image_size": list(ctx.data_config["input_size"]),
+    }
 
 
 def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
@@ -154,6 +189,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     views = partial_views_figures(cfg, out_dir, cache_dir, model, list(ctx.spec.levels))
     views_figures = {f"partial_views_cached_over_live_k{k}": f for k, f in views.get("by_k", {}).items()}
 
+    # 8. Extraction from JPEG files: decoded by PIL in loader workers vs where the model runs.
+    jpeg = jpeg_extraction(cfg, out_dir, cache_dir)
+
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     speedup = live["train_seconds"] / cached_seconds
     partial_ratio = partial["live"]["seconds_per_epoch"] / partial["cached"]["seconds_per_epoch"]
@@ -169,6 +207,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         "extract_nhwc_over_nchw": round(layouts["nhwc"] / layouts["nchw"], 3),
         "resident_over_dataloader": round(through_loader["seconds_per_epoch"] / cached["seconds_per_epoch"], 3),
         "cpu_fast_path": fast_path,
+        "jpeg_extraction": jpeg,
         "partial_views": views,
         **{key: f["ratio"] for key, f in views_figures.items()},
         "targets": {
@@ -255,9 +294,20 @@ def bench_table(result: dict) -> str:
         + "; ".join(f"{k} {sum(v.values()):,} (all levels)" for k, v in result["bytes_per_image"].items()),
         *fast_path_lines(result.get("cpu_fast_path", {})),
         *partial_views_lines(result.get("partial_views", {})),
+        jpeg_line(result.get("jpeg_extraction", {})),
         f"device: {result['device']}",
     ]
     return "\n".join(lines)
+
+
+def jpeg_line(jpeg: dict) -> str:
+    if "skipped" in jpeg or not jpeg:
+        return f"extraction from JPEG files: not measured ({jpeg.get('skipped', 'not run')})"
+    return (
+        f"extraction from JPEG files ({jpeg['images']} at {jpeg['image_size'][-1]} px): PIL in loader workers "
+        f"{jpeg['pil_images_per_s']} img/s, decoded where the model runs {jpeg['device_images_per_s']} img/s "
+        f"({jpeg['device_over_pil']}x)"
+    )
 
 
 def fast_path_lines(fast: dict) -> list[str]:
