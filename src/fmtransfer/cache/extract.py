@@ -84,6 +84,12 @@ class FeatureExtractionModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dtype_stored) for k, v in self.pooled(images).items()}
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if self.decode is None:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        encoded, labels, indices = batch  # torchvision reads encoded JPEGs from host memory, whatever the device
+        return encoded, labels.to(device), indices.to(device)
+
     def predict_step(self, batch, batch_idx: int):
         images, labels, indices = batch
         if self.decode is not None:

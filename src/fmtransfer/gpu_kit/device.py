@@ -109,9 +109,10 @@ def last_value(lines: list[str], prefix: str) -> str | None:
     return found[-1] if found else None
 
 
-def bench_job(work: Path, extra: list[str]) -> Job:
+def bench_job(work: Path, kit: Path, extra: list[str]) -> Job:
     out = work / "bench"
-    command = [sys.executable, "-m", "fmtransfer.cli.bench", *BENCH_OVERRIDES, f"bench.out_dir={out}", *extra]
+    data = f"paths.shared_datasets={(kit / DATA).resolve()}"  # the photo figures read the kit's compact JPEGs
+    command = [sys.executable, "-m", "fmtransfer.cli.bench", *BENCH_OVERRIDES, data, f"bench.out_dir={out}", *extra]
     return Job("bench", command, work / "bench.log")
 
 
@@ -173,7 +174,7 @@ def run_stage(
 
     jobs: list[Job] = []
     if stage.bench:
-        bench = bench_job(work, [*extra.get("*", []), *extra.get("bench", [])])
+        bench = bench_job(work, kit, [*extra.get("*", []), *extra.get("bench", [])])
         run_jobs([bench], deadline, env)
         jobs.append(bench)
 

@@ -41,6 +41,8 @@ TINY_OVERRIDES = {
         "bench.partial_views.epochs=1",
         "bench.partial_views.data.image_size=32",
         "bench.partial_views.data.shots_per_class=4",
+        "bench.jpeg_extraction.images=64",
+        "bench.jpeg_extraction.image_size=32",
         "regimes.partial.views=2",
     ],
     **{
