@@ -198,6 +198,10 @@ class RunContext:
         mode = str(self.cfg.cache.get("decode") or "pil")
         if mode not in ("auto", "device", "pil"):
             raise ConfigError(f"cache.decode={mode} must be auto, device or pil.")
+        if mode == "device" and not all_jpeg(split):
+            raise ConfigError(
+                "cache.decode=device decodes JPEGs only, and this data has other images; use auto or pil."
+            )
         on_device = mode == "device" or (mode == "auto" and self.tools.placement.cuda and all_jpeg(split))
         return JpegEval(timm_eval) if on_device else timm_eval
 
