@@ -39,8 +39,8 @@ def bench(tmp_path_factory):
         "bench.fast_path.train_steps=1",
         "bench.fast_path.train_batch_size=8",
         "bench.partial_views.ks=[]",  # 2 x 3 partial runs at 224 px: make bench's figure, too slow for a test
-        "bench.jpeg_extraction.image_size=64",
-        "bench.jpeg_extraction.images=64",
+        "bench.jpeg_extraction.image_size=32",
+        "bench.jpeg_extraction.images=32",
     ]
     return out, args
 
@@ -78,7 +78,7 @@ def test_bench_writes_every_figure_and_prints_its_path_last(bench, capsys):
         assert "not a folder" in fast["skipped"]
     jpeg = result["jpeg_extraction"]
     if SHARED_HYMENOPTERA.is_dir():  # the same JPEGs through PIL and through torchvision's decoder
-        assert jpeg["images"] >= 64 and jpeg["pil_images_per_s"] > 0 and jpeg["device_images_per_s"] > 0
+        assert jpeg["images"] >= 32 and jpeg["pil_images_per_s"] > 0 and jpeg["device_images_per_s"] > 0
         assert any(line.startswith("extraction from JPEG files (") for line in printed)
     else:
         assert "not a folder" in jpeg["skipped"]
