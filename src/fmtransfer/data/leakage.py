@@ -37,6 +37,7 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from fmtransfer.data.images import encoded_bytes
 from fmtransfer.errors import ConfigError
 
 THUMB = 32
@@ -164,9 +165,7 @@ class Signatures:
 
 def image_signature(image: dict) -> tuple[str, str, np.ndarray]:
     """One undecoded image (``{"bytes", "path"}``): its bytes read once, hashed and decoded."""
-    data = image.get("bytes")
-    if data is None:
-        data = Path(image["path"]).read_bytes()
+    data = encoded_bytes(image)
     with Image.open(io.BytesIO(data)) as decoded:
         thumb = thumbnail(decoded)
     return hashlib.blake2b(data, digest_size=16).hexdigest(), image.get("path") or "", thumb

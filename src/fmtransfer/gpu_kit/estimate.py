@@ -27,7 +27,6 @@ STAGE_LINE = re.compile(r"^\[gpu-report\] stage (?P<stage>[\w-]+) on (?P<device>
 class LoanFigures:
     """A stage log's measurements: the device, the bench's seconds, each (job, regime)'s seconds per run."""
 
-    log: str
     device: str
     bench_seconds: float | None
     run_seconds: dict[tuple[str, str], list[float]]
@@ -53,7 +52,7 @@ def read_loan_figures(path: Path, stage: DeviceStage | None) -> LoanFigures:
             bench = float(m["seconds"])
         elif (m := RUN_LINE.match(line)) and (job := m["job"] or alone):
             runs.setdefault((job, m["regime"]), []).append(float(m["seconds"]))
-    return LoanFigures(path.name, device, bench, runs)
+    return LoanFigures(device, bench, runs)
 
 
 def latest_log(logs: Path, stage: str) -> Path | None:
