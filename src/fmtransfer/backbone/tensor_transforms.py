@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, ToTensor
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
@@ -114,8 +115,6 @@ class JpegEval:
         self.eval = TensorEval(transform)
 
     def __call__(self, encoded: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         decoded = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
         return self.eval(torch.stack([self.eval.resize_crop(image) for image in decoded]))
 

@@ -73,7 +73,6 @@ class RunScheduler:
 
     def __init__(self, budget: float | None, workers: int = 1, worker_setup: Callable[[], None] | None = None):
         self.deadline = None if budget is None else time.time() + float(budget)
-        self.budget = budget
         self.workers = workers
         self.longest = 0.0
         self.pool = None
