@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from fmtransfer.errors import FmtransferError
+from fmtransfer.errors import ConfigError, FmtransferError
 from fmtransfer.metrics import classification_metrics, per_class_metrics
 
 
@@ -25,7 +25,9 @@ class HeadClassifier(pl.LightningModule):
     ``features`` maps a batch's inputs to the head's input: absent for cached features, a frozen backbone when the
     backbone runs live, or a trainable (part of a) backbone in the partial/finetune/scratch regimes. Its trainable
     parameters get ``backbone_lr`` (default: ``lr``), each tensor in its own optimiser group with ``per_tensor_lr``
-    (tagged ``auto_rgn``, for ``RelativeGradNormLR``). The test confusion matrix is kept in ``test_confusion``.
+    (tagged ``auto_rgn``, for ``RelativeGradNormLR``). ``optimizer`` is a name in timm's optimizer registry
+    (``adamw``; ``momentum``: SGD with momentum 0.9, as LP-FT's paper fine-tunes). The test confusion matrix is kept
+    in ``test_confusion``.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class HeadClassifier(pl.LightningModule):
         warmup_epochs: float = 0.0,
         layer_decay: float | None = None,
         per_tensor_lr: bool = False,
+        optimizer: str = "adamw",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["head", "features"])
@@ -145,7 +148,7 @@ class HeadClassifier(pl.LightningModule):
                 self.hparams.layer_decay,
                 per_tensor=self.hparams.per_tensor_lr,
             )
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        optimizer = create_optimizer(groups, self.hparams.optimizer, self.hparams.lr, self.hparams.weight_decay)
         steps_per_epoch = self._steps_per_epoch()
         factor = partial(
             lr_factor,
@@ -155,6 +158,18 @@ class HeadClassifier(pl.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def create_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """timm's optimizer ``name`` over ``groups`` (each keeps its own ``lr`` and ``weight_decay`` where it sets one)."""
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    if name not in list_optimizers():
+        raise ConfigError(
+            f"optimizer={name!r} is not in timm's optimizer registry; use adamw, momentum (SGD with momentum 0.9), "
+            f"sgd (Nesterov) or another of timm.optim.list_optimizers()."
+        )
+    return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, momentum=0.9)
 
 
 def lr_factor(step: int, steps_per_epoch: int, warmup: float, horizon: int) -> float:

@@ -39,6 +39,7 @@ class BackboneTraining:
     lr: float  # head
     backbone_lr: float
     weight_decay: float
+    optimizer: str  # a name in timm's optimizer registry: adamw, momentum (SGD with momentum 0.9) ...
     batch_size: int
     monitor: str
     monitor_mode: str
@@ -92,6 +93,7 @@ class BackboneTraining:
             warmup_epochs=self.warmup_epochs,
             layer_decay=self.layer_decay,
             per_tensor_lr=rgn is not None,
+            optimizer=self.optimizer,
         )
         callbacks = [*callbacks, rgn] if rgn is not None else callbacks
         trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True, validate=not ctx.refit)
