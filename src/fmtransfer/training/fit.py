@@ -2,8 +2,8 @@
 
 The starting weights compete in model selection too (early stopping that includes step 0): a run that starts from a
 fitted probe (LP-FT, partial) keeps it when no epoch of fine-tuning improves the validation loss. They are scored
-with ``trainer.validate``, so precision, DDP reduction and logging are those of every other validation, and the
-score is stored in the run dir, so a resumed run still compares against its true start.
+in the fit's sanity check over the whole validation split, so precision and DDP reduction are those of every other
+validation, and the score is stored in the run dir, so a resumed run still compares against its true start.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fmtransfer.training.callbacks import BestEpoch, EpochTimer, PeakMemory, Val
 
 log = logging.getLogger(__name__)
 
-# In the checkpoint dir: {"score": validation loss, "state_dict": starting weights, "val_predictions": per image}.
+# In the checkpoint dir: {"score": validation loss, "metrics": every val/* metric, "val_predictions": per image}.
 START_FILE = "start.pt"
 
 
@@ -74,28 +74,41 @@ class StartingScore:
     predictions: dict | None
 
 
-def _starting_score(
-    trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, monitor: str, store: Path
-) -> StartingScore:
-    """The starting weights scored on validation (read back from ``store`` when the run resumes)."""
-    if store.is_file():
-        saved = torch.load(store, map_location="cpu", weights_only=True)
-        return StartingScore(float(saved["score"]), saved.get("metrics") or {}, saved.get("val_predictions"))
-    # Not logged: the logs (and the report's learning curves read from them) hold one validation per epoch.
-    loggers, trainer.loggers = trainer.loggers, []
-    try:
-        metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    finally:
-        trainer.loggers = loggers
-    start = StartingScore(metrics[monitor], metrics, module.val_predictions)
-    if trainer.is_global_zero:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        saved = {"score": start.score, "metrics": metrics, "state_dict": state, "val_predictions": start.predictions}
-        tmp = store.with_suffix(".tmp")
-        torch.save(saved, tmp)
-        tmp.replace(store)  # never a half-written start: a resumed run would trust it
-    return start
+class StartingValidation(pl.Callback):
+    """Scores the starting weights in the fit's own sanity check, run over the whole validation split (the fit's
+    setup is paid once, not again by a separate ``trainer.validate``), and stores the score in ``store`` before the
+    first training step, so a resumed run still compares against its true start. Sanity-check values reach no
+    logger: the logs (and the report's learning curves read from them) hold one validation per epoch."""
+
+    def __init__(self, monitor: str, store: Path):
+        self.monitor, self.store = monitor, store
+        self.start: StartingScore | None = None
+        self.seconds = 0.0
+        self._began = 0.0
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._began = time.perf_counter()
+
+    def on_sanity_check_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.seconds = time.perf_counter() - self._began
+        if self.monitor not in metrics:
+            return
+        self.start = StartingScore(metrics[self.monitor], metrics, getattr(pl_module, "val_predictions", None))
+        if trainer.is_global_zero:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            saved = {"score": self.start.score, "metrics": metrics, "val_predictions": self.start.predictions}
+            tmp = self.store.with_suffix(".tmp")
+            torch.save(saved, tmp)
+            tmp.replace(self.store)  # never a half-written start: a resumed run would trust it
+
+
+def _stored_start(store: Path) -> StartingScore | None:
+    """The start scored before an interruption, or None."""
+    if not store.is_file():
+        return None
+    saved = torch.load(store, map_location="cpu", weights_only=True)
+    return StartingScore(float(saved["score"]), saved.get("metrics") or {}, saved.get("val_predictions"))
 
 
 def fit_select_test(
@@ -123,24 +136,36 @@ def fit_select_test(
     if resuming:
         log.info(f"resuming from {last_path}")
     store = Path(best.dirpath) / START_FILE
-    start = None
-    began = time.perf_counter()
+    start, starting, weights = None, None, None
     curve = ValidationCurve()
+    trainer.num_sanity_val_steps = 0  # the start's validation is the only one before training, when it is wanted
     if include_start and best.monitor == "val/loss" and best.mode == "min":
-        start = _starting_score(trainer, module, datamodule, best.monitor, store)
-        curve.add(0, start.predictions)
+        # The module holds its starting weights until fit (a resumed run rebuilds the same start): kept in memory
+        # in case no epoch beats them.
+        weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        start = _stored_start(store)
+        if start is None:
+            starting = StartingValidation(best.monitor, store)
+            trainer.callbacks.append(starting)
+            trainer.num_sanity_val_steps = float("inf")
     best_epoch = BestEpoch(best.monitor, best.mode)
     trainer.callbacks += [best_epoch, curve]
     reseed(seed)
     fit_began = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_path) if resuming else None)
-    train_seconds = time.perf_counter() - fit_began
+    fit_ended = time.perf_counter()
+    start_seconds = starting.seconds if starting is not None else 0.0
+    train_seconds = fit_ended - fit_began - start_seconds
+    if starting is not None:
+        start = starting.start
+    if start is not None:
+        curve.add(0, start.predictions)
     selected, best_path = "best epoch", str(best.best_model_path)
     kept_start = start is not None and (best.best_model_score is None or start.score < float(best.best_model_score))
     if kept_start:
         selected = "initial state (no epoch improved the validation loss)"
-        module.load_state_dict(torch.load(store, map_location="cpu", weights_only=True)["state_dict"])
-        best_path = str(store)  # the starting weights: a fold run, which tests nothing, needs no checkpoint of them
+        module.load_state_dict(weights)
+        best_path = None  # a fold run, which tests nothing, needs no checkpoint of its starting weights
         if evaluate_test:
             best_path = str(Path(best.dirpath) / "initial.ckpt")
             trainer.save_checkpoint(best_path)
@@ -153,9 +178,9 @@ def fit_select_test(
     # Model selection used validation only; the test split is evaluated once, with the selected weights.
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0] if evaluate_test else None
     phases = {
-        "start_score": fit_began - began,
+        "start_score": start_seconds,
         "fit": train_seconds,
-        "final_evaluation": time.perf_counter() - fit_began - train_seconds,
+        "final_evaluation": time.perf_counter() - fit_ended,
     }
     return {
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
