@@ -13,6 +13,8 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from fmtransfer.backbone import describe_backbone
+from fmtransfer.errors import ConfigError
+from fmtransfer.heads import HeadClassifier, LinearProbeHead
 from fmtransfer.heads.module import backbone_groups, lr_factor
 
 
@@ -55,6 +57,31 @@ def test_warmup_then_cosine_by_fractional_epoch():
         assert f[5 * spe] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
         assert f[10 * spe] == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(3, 4, 0.0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75 / 10)))
+
+
+def test_the_optimizer_is_timm_s_by_name_with_each_group_s_rate():
+    """regime.optimizer=momentum: SGD with classical momentum 0.9 (LP-FT's paper), the head at lr and the backbone at
+    backbone_lr; the default is AdamW; a name timm does not know is refused, naming the setting."""
+
+    def build(name):
+        features = nn.Linear(4, 4)
+        module = HeadClassifier(
+            LinearProbeHead({"x": 4}, 2),
+            2,
+            lr=1e-2,
+            backbone_lr=1e-3,
+            weight_decay=0.0,
+            features=features,
+            optimizer=name,
+        )
+        return module.configure_optimizers()["optimizer"]
+
+    sgd = build("momentum")
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9 and not sgd.defaults["nesterov"]
+    assert [g["lr"] for g in sgd.param_groups] == [1e-2, 1e-3]
+    assert type(build("adamw")) is torch.optim.AdamW
+    with pytest.raises(ConfigError, match="optimizer='rmsprop_typo' is not in timm's optimizer registry"):
+        build("rmsprop_typo")
 
 
 def test_drop_path_loads_the_same_weights_and_is_off_in_eval(lite0):

@@ -185,7 +185,7 @@ def fit_select_test(
     return {
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
         "best_epoch": 0 if kept_start else best_epoch.epochs,
-        **_test_results(trainer, module, test, train_seconds, phases),
+        **_test_results(trainer, module, test, train_seconds, phases, trained=not kept_start),
         "best_checkpoint": best_path,
         "selected": selected,
         "val_curve": _curve_arrays(curve),
@@ -226,7 +226,7 @@ def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.Ligh
     return {
         "val": None,
         "best_epoch": None,
-        **_test_results(trainer, module, test, train_seconds, phases),
+        **_test_results(trainer, module, test, train_seconds, phases, trained=bool(trainer.max_epochs)),
         "best_checkpoint": final_path,
         "selected": f"final weights after {trainer.max_epochs} epochs (chosen by cross-validation)",
         "planned_epochs": int(module.hparams.max_epochs),
@@ -234,9 +234,10 @@ def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.Ligh
 
 
 def _test_results(
-    trainer: pl.Trainer, module: HeadClassifier, test: dict | None, train_seconds: float, phases: dict
+    trainer: pl.Trainer, module: HeadClassifier, test: dict | None, train_seconds: float, phases: dict, trained: bool
 ) -> dict:
-    """What every fit reports besides validation and selection: test metrics, sizes, times, memory, device."""
+    """What every fit reports besides validation and selection: test metrics, sizes, times, memory, device.
+    ``trained=False``: the model is its start (0 epochs), whose only fitted parameters are its head's (a probe)."""
     timer, memory = _callback(trainer, EpochTimer), _callback(trainer, PeakMemory)
     epoch_seconds = timer.seconds if timer is not None else []
     validations = timer.validation_seconds if timer is not None else []
@@ -246,7 +247,9 @@ def _test_results(
         "test_per_class": module.test_per_class if tested else None,
         "test_confusion": module.test_confusion if tested else None,
         "test_predictions": module.test_predictions if tested else None,
-        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "trainable_params": sum(
+            p.numel() for p in (module.parameters() if trained else module.head.parameters()) if p.requires_grad
+        ),
         "train_seconds": round(train_seconds, 3),
         "phase_seconds": phases,
         "epochs": len(epoch_seconds),
