@@ -27,6 +27,7 @@ SETTINGS = dict(
     lr=0.01,
     backbone_lr=0.01,
     weight_decay=0.0,
+    optimizer="adamw",
     batch_size=4,
     monitor="val/loss",
     monitor_mode="min",
