@@ -4,6 +4,8 @@ once per V epochs, and a run on cached views reads no image."""
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +86,17 @@ def test_partial_on_cached_views_reads_no_image_once_they_are_built(tmp_path, co
     assert kept["epochs"] == 0 and kept["partial"]["training_maps"] == "cached"
     manifests = [p.read_text() for p in (tmp_path / "data" / "cache").glob("*/train-*/manifest.json")]
     assert not any("seed=5" in m for m in manifests)
+    # A refit that trains on views validates nothing: it extracts none of its pool's un-augmented maps.
+    level = f'"{first["partial"]["split_level"]}":'
+
+    def unaugmented_entries() -> list[Path]:
+        entries = [p.parent for p in (tmp_path / "data" / "cache").glob("*/*/manifest.json")]
+        texts = {e: (e / "manifest.json").read_text() for e in entries if not e.name.startswith("test-")}
+        return [e for e, text in texts.items() if level in text and "SeededView(view=" not in text]
+
+    assert unaugmented_entries(), "the folds above validate on the un-augmented maps"
+    for entry in unaugmented_entries():
+        shutil.rmtree(entry)
+    trained = run_regime(compose_config([*overrides, "data.cv.refit=true", "data.cv.epochs=1"]), tmp_path / "refit")
+    assert trained["epochs"] == 1 and trained["partial"]["training_maps"] == "2 cached views"
+    assert unaugmented_entries() == []

@@ -19,6 +19,7 @@ from fmtransfer.heads import AugmentedViewsDataset, CachedMapDataset
 from fmtransfer.regimes.context import start_run
 from fmtransfer.regimes.live import BackboneTraining, PreLogitsOf, image_datamodule, pre_logits_head
 from fmtransfer.training import CachedFeatureDataModule, TrainingTools
+from fmtransfer.training.datamodules import SPLITS
 
 
 class LivePrefix(nn.Module):
@@ -72,8 +73,10 @@ class PartialRegime(BackboneTraining):
                 views.extend(ctx.cache_train_views(spec, self.views, self.view_seed))
                 return AugmentedViewsDataset.from_cache([v.split for v in views], level.name, seed=ctx.seed)
 
+            # A refit validates nothing; on views (or for 0 epochs) it reads none of the pool's un-augmented maps.
+            splits = ("test",) if ctx.refit and (use_views or ctx.keeps_start) else SPLITS
             datamodule = CachedFeatureDataModule(
-                lambda: ctx.cache_splits(spec),
+                lambda: ctx.cache_splits(spec, splits),
                 lambda split: CachedMapDataset.from_cache(split, level.name),
                 self.batch_size,
                 ctx.tools.placement,

@@ -202,7 +202,8 @@ class CachedFeatureDataModule(_EvaluateOnce):
         if self.sets:
             return
         self.caches = self.load_caches()
-        made_here = [s for s in SPLITS if s != "train" or self.make_train is None]
+        # ``load_caches`` may leave out splits this fit never reads (a refit on views: the un-augmented train).
+        made_here = [s for s in SPLITS if s in self.caches and (s != "train" or self.make_train is None)]
         self.sets = {s: self.make_dataset(self.caches[s].split) for s in made_here}
         if self.make_train is not None:
             self.sets["train"] = self.make_train()

@@ -86,12 +86,18 @@ class StartingValidation(pl.Callback):
         self.seconds = 0.0
         self._began = 0.0
 
-    def on_sanity_check_start(self, trainer, pl_module):
-        self._began = time.perf_counter()
+    # Timed as ``EpochTimer`` times every later validation pass (epoch start to end): the validation loader the
+    # sanity check builds first is the fit's, built once whether or not a start is scored.
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            self._began = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            self.seconds = time.perf_counter() - self._began
 
     def on_sanity_check_end(self, trainer, pl_module):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        self.seconds = time.perf_counter() - self._began
         if self.monitor not in metrics:
             return
         self.start = StartingScore(metrics[self.monitor], metrics, getattr(pl_module, "val_predictions", None))
