@@ -88,6 +88,8 @@ def test_the_start_is_kept_when_no_epoch_beats_it_on_validation(tmp_path):
     assert results["selected"].startswith("initial state")
     store = torch.load(tmp_path / "run" / "checkpoints" / START_FILE, weights_only=True)
     assert store["score"] == pytest.approx(expected["val/loss"], rel=1e-6)
+    # The start's metrics are computed by the module in the sanity check (nothing logged): Lightning's own numbers.
+    assert store["metrics"] == pytest.approx(expected, rel=1e-6)
     assert results["val"]["acc"] == pytest.approx(expected["val/acc"], abs=1e-6)
 
 

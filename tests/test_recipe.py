@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -125,3 +126,30 @@ def test_the_lp_ft_probe_is_scikit_learns_regularised_logistic_regression(classe
     assert min(gaps) < 1e-3
     expected = log_loss(y.numpy(), probs.clip(1e-15, 1), labels=list(range(classes)))
     assert loss == pytest.approx(expected, rel=1e-3, abs=1e-5)
+
+
+def test_the_same_probe_is_fitted_once_per_process(monkeypatch):
+    """partial and finetune of one seed start from the same probe: the second asks scikit-learn nothing and gets
+    the same head; other labels (or another seed) fit anew."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegressionCV
+
+    from fmtransfer.heads import LinearProbeHead, fit_regularised_probe
+
+    monkeypatch.setattr("fmtransfer.heads.fit._PROBES", OrderedDict())  # whatever other tests fitted
+    fits = []
+    original = LogisticRegressionCV.fit
+    monkeypatch.setattr(LogisticRegressionCV, "fit", lambda self, *a, **k: fits.append(1) or original(self, *a, **k))
+    d = load_digits()
+    keep = np.flatnonzero(d.target < 3)[:60]
+    x = {"pixels": torch.from_numpy(d.data[keep].astype(np.float32))}
+    y = torch.from_numpy(d.target[keep].astype(np.int64))
+    first, second = LinearProbeHead({"pixels": 64}, 3), LinearProbeHead({"pixels": 64}, 3)
+    assert fit_regularised_probe(first, x, y, seed=7) == fit_regularised_probe(second, x, y, seed=7)
+    assert len(fits) == 1
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
+    fit_regularised_probe(LinearProbeHead({"pixels": 64}, 3), x, y, seed=8)
+    fit_regularised_probe(LinearProbeHead({"pixels": 64}, 3), x, y.flip(0), seed=7)
+    assert len(fits) == 3

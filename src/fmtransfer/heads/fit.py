@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -54,6 +56,9 @@ def fit_probe_in_place(
 
 
 PROBE_CS = np.logspace(-4, 2, 7)  # inverse L2 strengths searched by the inner cross-validation (a decade apart)
+# Fitted probes of this process by their inputs' digest (weight, bias), the least recently used dropped first.
+_PROBES: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_PROBES_KEPT = 16
 
 
 def fit_regularised_probe(head: LinearProbeHead, features: Features, labels: torch.Tensor, seed: int = 0) -> float:
@@ -63,24 +68,44 @@ def fit_regularised_probe(head: LinearProbeHead, features: Features, labels: tor
     class has a single image). A probe left unregularised on a few hundred images separates them with near-zero
     training loss: fine-tuning from it then has nothing left to learn but confidence. Returns the training log loss.
     """
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-
     head.normalizer.fit(features)
     with torch.no_grad():
         x = head.normalizer(features).double().numpy()
     y = labels.numpy()
+    key = _probe_key(x, y, seed, head.classifier.out_features)
+    if key in _PROBES:  # partial and finetune of one seed start from the same probe: fitted once per process
+        _PROBES.move_to_end(key)
+        return _load_probe(head, *_PROBES[key], features, labels)
+    weight, bias = _regularised_probe_weights(x, y, seed, head.classifier.out_features)
+    _PROBES[key] = (weight, bias)
+    while len(_PROBES) > _PROBES_KEPT:
+        _PROBES.popitem(last=False)
+    return _load_probe(head, weight, bias, features, labels)
+
+
+def _probe_key(x: np.ndarray, y: np.ndarray, seed: int, classes: int) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    digest.update(f"{x.shape}|{seed}|{classes}|{PROBE_CS.tolist()}".encode())
+    return digest.hexdigest()
+
+
+def _regularised_probe_weights(x: np.ndarray, y: np.ndarray, seed: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``fit_regularised_probe``'s linear layer (weight [classes, features], bias [classes]) on standardised ``x``."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
     # With fewer images than features the L2 optimum lies in the span of the images (representer theorem): fit in
     # an orthonormal basis of that span, the same solution at a fraction of the cost, then map it back.
     basis = np.linalg.svd(x, full_matrices=False)[2] if len(x) < x.shape[1] else None
     z = x @ basis.T if basis is not None else x
-    classes = np.unique(y)
-    weight = np.zeros((head.classifier.out_features, x.shape[1]))
-    bias = np.full(head.classifier.out_features, -1e4)  # a class absent from training is never predicted
-    if len(classes) < 2:  # nothing to separate: the one class seen
-        bias[classes] = 0.0
-        return _load_probe(head, weight, bias, features, labels)
-    folds = min(3, int(np.bincount(y)[classes].min()))
+    present = np.unique(y)
+    weight = np.zeros((classes, x.shape[1]))
+    bias = np.full(classes, -1e4)  # a class absent from training is never predicted
+    if len(present) < 2:  # nothing to separate: the one class seen
+        bias[present] = 0.0
+        return weight, bias
+    folds = min(3, int(np.bincount(y)[present].min()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence notes at the weakest strengths
         if folds >= 2:
@@ -90,12 +115,12 @@ def fit_regularised_probe(head: LinearProbeHead, features: Features, labels: tor
             model = LogisticRegression(C=1.0, max_iter=2000)
         model.fit(z, y)
     coef = model.coef_ @ basis if basis is not None else model.coef_
-    if len(classes) == 2 and model.coef_.shape[0] == 1:  # one logit difference: split it between the two classes
-        weight[classes[1]], weight[classes[0]] = coef[0] / 2, -coef[0] / 2
-        bias[classes[1]], bias[classes[0]] = model.intercept_[0] / 2, -model.intercept_[0] / 2
+    if len(present) == 2 and model.coef_.shape[0] == 1:  # one logit difference: split it between the two classes
+        weight[present[1]], weight[present[0]] = coef[0] / 2, -coef[0] / 2
+        bias[present[1]], bias[present[0]] = model.intercept_[0] / 2, -model.intercept_[0] / 2
     else:
-        weight[classes], bias[classes] = coef, model.intercept_
-    return _load_probe(head, weight, bias, features, labels)
+        weight[present], bias[present] = coef, model.intercept_
+    return weight, bias
 
 
 def _load_probe(head: LinearProbeHead, weight: np.ndarray, bias: np.ndarray, features: Features, labels) -> float:

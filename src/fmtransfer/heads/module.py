@@ -61,6 +61,10 @@ class HeadClassifier(pl.LightningModule):
         # The last validation's per-image outputs, in validation-split order (single process), same form.
         self.val_predictions: dict[str, torch.Tensor] | None = None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The sanity check's validation metrics (``val/loss`` and the three), computed here: Lightning discards what a
+        # sanity check logs and registers every logged key again for the first epoch, so logging it is wasted work.
+        self.sanity_metrics: dict[str, float] | None = None
+        self._sanity_loss = torch.zeros(2)  # summed loss, images
 
     def forward(self, inputs) -> torch.Tensor:
         return self.head(self.features(inputs) if self.features is not None else inputs)
@@ -87,9 +91,17 @@ class HeadClassifier(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = []
+        self._sanity_loss = torch.zeros(2, device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        logits = self._eval_step(batch, self.val_metrics, "val/loss")
+        if self.trainer.sanity_checking:
+            logits, labels, loss = self._loss(batch)
+            self.val_metrics.update(logits, labels)
+            self._sanity_loss += torch.stack(
+                [loss.detach().float() * len(labels), loss.new_tensor(len(labels)).float()]
+            )
+        else:
+            logits = self._eval_step(batch, self.val_metrics, "val/loss")
         self._val_outputs.append((batch[1].detach().cpu(), logits.detach().float().softmax(-1).cpu()))
 
     def on_validation_epoch_end(self) -> None:
@@ -97,6 +109,11 @@ class HeadClassifier(pl.LightningModule):
         if self.trainer.world_size == 1 and outputs:
             labels, probs = zip(*outputs, strict=True)
             self.val_predictions = {"label": torch.cat(labels), "prob": torch.cat(probs)}
+        if self.trainer.sanity_checking:
+            loss_sum, count = self.trainer.strategy.reduce(self._sanity_loss, reduce_op="sum").tolist()
+            metrics = {k: float(v) for k, v in self.val_metrics.compute().items()}  # synchronised across processes
+            self.val_metrics.reset()
+            self.sanity_metrics = {"val/loss": loss_sum / max(count, 1), **metrics} if count else None
 
     def test_step(self, batch, batch_idx: int) -> None:
         logits = self._eval_step(batch, self.test_metrics, "test/loss")

@@ -97,7 +97,7 @@ class StartingValidation(pl.Callback):
             self.seconds = time.perf_counter() - self._began
 
     def on_sanity_check_end(self, trainer, pl_module):
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = pl_module.sanity_metrics or {}
         if self.monitor not in metrics:
             return
         self.start = StartingScore(metrics[self.monitor], metrics, getattr(pl_module, "val_predictions", None))
