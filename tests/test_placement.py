@@ -21,6 +21,7 @@ from fmtransfer.training import (
     resolve_placement,
     resolve_precision,
 )
+from fmtransfer.training.allocator import glibc
 
 
 def pooled_dataset(n: int = 10) -> PooledFeatureDataset:
@@ -227,3 +228,48 @@ def test_depthwise_backward_in_float32_keeps_the_bf16_forward_and_computes_exact
         assert mine.dtype == ref.dtype == torch.float32
         assert torch.allclose(mine, ref, rtol=1e-5, atol=1e-5)
         assert (mine - ref).abs().max() < (theirs.float() - ref).abs().max()
+
+
+# Run in a fresh process, with the allocator module loaded alone (no torch: the process's heap is this script's).
+FAULTS_SCRIPT = """
+import importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("allocator", sys.argv[2])
+allocator = sys.modules["allocator"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)
+if sys.argv[1] == "tuned":
+    assert allocator.tune_malloc(allocator.MallocSettings(mmap_threshold_mb=256, trim_threshold_mb=1024))
+size = 64 * 2**20
+block = b"x" * size  # the heap grows once
+del block
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    block = b"x" * size  # a batch's activations, made and freed step after step
+    del block
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(glibc() is None, reason="the C library is not glibc: trainer.malloc leaves it alone")
+def test_trainer_malloc_keeps_a_steps_freed_memory_mapped_for_the_next():
+    """glibc maps every 64 MiB block anew (a page fault per 4 KiB page, every time); with ``trainer.malloc``'s
+    thresholds the freed block is reused from the heap. Counted by the kernel (minor faults)."""
+    import subprocess
+    import sys
+
+    from fmtransfer.training import allocator
+
+    def faults(mode: str) -> int:
+        command = [sys.executable, "-c", FAULTS_SCRIPT, mode, allocator.__file__]
+        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    pages = 10 * 64 * 2**20 // 4096
+    assert faults("default") > 0.9 * pages
+    assert faults("tuned") < 0.1 * pages
+
+
+@pytest.mark.parametrize("value", [{"mmap_threshold_mb": 256}, {"mmap_threshold_mb": -1, "trim_threshold_mb": 1}, 5])
+def test_bad_malloc_settings_name_the_option(value):
+    from fmtransfer.training.allocator import malloc_settings
+
+    with pytest.raises(ConfigError, match=r"trainer\.malloc"):
+        malloc_settings(value)

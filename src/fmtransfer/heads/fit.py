@@ -73,7 +73,7 @@ def fit_regularised_probe(head: LinearProbeHead, features: Features, labels: tor
         x = head.normalizer(features).double().numpy()
     y = labels.numpy()
     key = _probe_key(x, y, seed, head.classifier.out_features)
-    if key in _PROBES:  # partial and finetune of one seed start from the same probe: fitted once per process
+    if key in _PROBES:  # the regimes that start from one seed's same probe (finetune, bitfit, lora, surgical)
         _PROBES.move_to_end(key)
         return _load_probe(head, *_PROBES[key], features, labels)
     weight, bias = _regularised_probe_weights(x, y, seed, head.classifier.out_features)

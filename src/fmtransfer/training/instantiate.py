@@ -10,11 +10,19 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fmtransfer.training.allocator import malloc_settings, tune_malloc
 from fmtransfer.training.fit import validation_interval
 from fmtransfer.training.placement import Placement, Precision, resolve_placement, resolve_precision
 
 # ``trainer.*`` keys that are fmtransfer's, not the Trainer's (see configs/trainer/default.yaml).
-RUN_SETTINGS = ("progress_bar", "checkpoint_every_s", "validations_per_run", "channels_last", "resident_data_mb")
+RUN_SETTINGS = (
+    "progress_bar",
+    "checkpoint_every_s",
+    "validations_per_run",
+    "channels_last",
+    "resident_data_mb",
+    "malloc",
+)
 # The Trainer settings an extraction Trainer shares with training (it has no logger, callbacks or epochs).
 DEVICE_SETTINGS = ("accelerator", "precision", "devices", "num_nodes", "strategy")
 
@@ -66,6 +74,7 @@ def instantiate_training(cfg: DictConfig) -> TrainingTools:
     devices = OmegaConf.to_container(t.devices) if OmegaConf.is_list(t.devices) else t.devices
     placement = resolve_placement(t.accelerator, devices, t.num_nodes, t.channels_last, t.resident_data_mb)
     precision = resolve_precision(str(t.precision), placement.cuda)
+    tune_malloc(malloc_settings(t.get("malloc")))
     return TrainingTools(
         make_trainer=hydra.utils.instantiate(trainer_cfg, _partial_=True),
         make_callbacks=lambda: _instantiate_all(cfg.get("callbacks")),
