@@ -63,8 +63,9 @@ _applied: MallocSettings | None = None
 
 
 def tune_malloc(settings: MallocSettings | None) -> bool:
-    """Apply ``settings`` to this process's glibc allocator (None: leave glibc's defaults). Returns whether they are
-    in force; a C library other than glibc (macOS, musl) is left alone, with a debug note."""
+    """Apply ``settings`` to this process's glibc allocator (None: leave it as it is, which is glibc's defaults
+    unless an earlier run of the process tuned it). Returns whether settings are in force; a C library other than
+    glibc (macOS, musl) is left alone, with a debug note."""
     global _applied
     if settings is None or settings == _applied:
         return settings is not None
