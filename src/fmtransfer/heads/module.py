@@ -94,14 +94,12 @@ class HeadClassifier(pl.LightningModule):
         self._sanity_loss = torch.zeros(2, device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        if self.trainer.sanity_checking:
-            logits, labels, loss = self._loss(batch)
-            self.val_metrics.update(logits, labels)
+        sanity = self.trainer.sanity_checking
+        logits, loss = self._eval_step(batch, self.val_metrics, "val/loss", log=not sanity)
+        if sanity:
             self._sanity_loss += torch.stack(
-                [loss.detach().float() * len(labels), loss.new_tensor(len(labels)).float()]
+                [loss.detach().float() * len(logits), loss.new_tensor(len(logits)).float()]
             )
-        else:
-            logits = self._eval_step(batch, self.val_metrics, "val/loss")
         self._val_outputs.append((batch[1].detach().cpu(), logits.detach().float().softmax(-1).cpu()))
 
     def on_validation_epoch_end(self) -> None:
@@ -116,7 +114,7 @@ class HeadClassifier(pl.LightningModule):
             self.sanity_metrics = {"val/loss": loss_sum / max(count, 1), **metrics} if count else None
 
     def test_step(self, batch, batch_idx: int) -> None:
-        logits = self._eval_step(batch, self.test_metrics, "test/loss")
+        logits, _ = self._eval_step(batch, self.test_metrics, "test/loss")
         self.test_confusion_metric.update(logits, batch[1])
         self.test_per_class_metrics.update(logits, batch[1])
         self._test_outputs.append((batch[1].detach().cpu(), logits.detach().float().softmax(-1).cpu()))
@@ -137,12 +135,14 @@ class HeadClassifier(pl.LightningModule):
             labels, probs = zip(*outputs, strict=True)
             self.test_predictions = {"label": torch.cat(labels), "prob": torch.cat(probs)}
 
-    def _eval_step(self, batch, metrics, loss_name: str) -> torch.Tensor:
+    def _eval_step(self, batch, metrics, loss_name: str, log: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's logits and mean loss; ``metrics`` updated, and with ``log`` the loss and metrics logged."""
         logits, labels, loss = self._loss(batch)
         metrics.update(logits, labels)
-        self.log(loss_name, loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
-        self.log_dict(metrics, on_step=False, on_epoch=True)
-        return logits
+        if log:
+            self.log(loss_name, loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+            self.log_dict(metrics, on_step=False, on_epoch=True)
+        return logits, loss
 
     def _steps_per_epoch(self) -> int:
         """Optimiser steps per epoch of the attached Trainer (1 when none is attached, e.g. inspecting the
