@@ -10,7 +10,7 @@ from fmtransfer.report import plots
 from fmtransfer.report.paired import RESAMPLES
 from fmtransfer.report.verdict import STARTS_AS_PROBE, selection_score
 
-MEMORY_KINDS = {"gpu_max_allocated": "GPU", "cpu_rss_increase": "RSS"}
+MEMORY_KINDS = {"gpu_max_allocated": "GPU", "cpu_heap_in_use": "heap", "cpu_rss_increase": "RSS"}
 METRIC_LABELS = {"acc": "accuracy", "f1_macro": "macro-F1", "balanced_acc": "balanced accuracy"}
 
 

@@ -5,7 +5,7 @@ timing, peak memory and Auto-RGN's learning rates; ``placement.py`` where tensor
 callbacks and loggers built from config (the only module here that reads a config).
 """
 
-from fmtransfer.training.callbacks import EpochTimer, PeakMemory, RelativeGradNormLR, release_free_memory
+from fmtransfer.training.callbacks import EpochTimer, PeakMemory, RelativeGradNormLR
 from fmtransfer.training.datamodules import CachedFeatureDataModule, ImageDataModule
 from fmtransfer.training.fit import epochs_for, fit_select_test, reseed, validation_interval
 from fmtransfer.training.instantiate import TrainingTools, instantiate_training
@@ -36,7 +36,6 @@ __all__ = [
     "fit_select_test",
     "in_precision",
     "instantiate_training",
-    "release_free_memory",
     "reseed",
     "resolve_placement",
     "resolve_precision",

@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 
 from fmtransfer.backbone.tuning import relative_grad_norms
+from fmtransfer.training.allocator import heap_in_use_reader
 
 
 class EpochTimer(pl.Callback):
@@ -127,29 +126,38 @@ class ValidationCurve(pl.Callback):
 
 
 class PeakMemory(pl.Callback):
-    """Peak memory of ``trainer.fit`` (as a callback) or of a ``with`` block: the CUDA allocator's peak on a GPU,
-    else the peak process RSS above the start, sampled every 20 ms from /proc (no extra dependency).
+    """Peak memory of ``trainer.fit`` (as a callback) or of a ``with`` block, above what was held at its start: the
+    CUDA allocator's peak on a GPU; on a CPU with glibc the bytes held through ``malloc`` (``heap_in_use_reader``),
+    sampled every 50 ms; elsewhere the process RSS, sampled every 20 ms from /proc.
 
-    ``kind`` says which of the two ``peak_bytes`` is.
+    The heap figure counts this block's allocations even when they reuse memory an earlier run freed (a comparison's
+    later runs), without handing that memory back to the OS first, which would make the block fault every page of
+    its first batches in again. RSS cannot tell reused memory from new, so after a bigger run in the same process it
+    underestimates. ``kind`` says which of the three ``peak_bytes`` is.
     """
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = None if device is None else torch.device(device)
         self.peak_bytes = 0
-        self.kind = "cpu_rss_increase"
+        self.kind = "cpu_heap_in_use"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._cuda = False
+        self._read: Callable[[], int] = _rss_bytes
+        self._interval = 0.02
 
     def start(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.kind = "gpu_max_allocated" if self._cuda else "cpu_rss_increase"
         self.peak_bytes = 0
         if self._cuda:
+            self.kind = "gpu_max_allocated"
             torch.cuda.reset_peak_memory_stats(device)
             return
-        release_free_memory()
-        self._start = _rss_bytes()
+        heap = heap_in_use_reader()
+        # mallinfo2 walks the free lists under the arena's lock: sampled less often than /proc's cheap RSS figure
+        self._read, self._interval = (heap, 0.05) if heap is not None else (_rss_bytes, 0.02)
+        self.kind = "cpu_heap_in_use" if heap is not None else "cpu_rss_increase"
+        self._start = self._read()
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -161,11 +169,11 @@ class PeakMemory(pl.Callback):
             self._stop.set()
             self._thread.join()
             self._thread = None
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes() - self._start)
+            self.peak_bytes = max(self.peak_bytes, self._read() - self._start)
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes() - self._start)
+        while not self._stop.wait(self._interval):
+            self.peak_bytes = max(self.peak_bytes, self._read() - self._start)
 
     def __enter__(self) -> PeakMemory:
         self.start(self.device or torch.device("cpu"))
@@ -182,18 +190,6 @@ class PeakMemory(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self.stop()
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by earlier work back to the OS, so an RSS increase measures this block's own allocations.
-
-    Without it, glibc keeps freed heap pages and reuses them: a run after a bigger one in the same process (a
-    comparison's later runs) would show almost no increase. ``malloc_trim`` exists in glibc only; elsewhere this
-    is a no-op and the figure stays an underestimate.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _rss_bytes() -> int:
