@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import timm
+import torch
 
 from fmtransfer.backbone import (
     FeatureMapExtractor,
@@ -315,10 +316,13 @@ def build_view(cache, base, rows, spec, model, digits, split_name="fold-validati
     return build(cache, split, spec, model, pool="none", split_name=split_name, gather=lambda: sources)
 
 
-def test_fold_entries_are_index_views_that_copy_no_maps_and_read_in_bounded_chunks(tmp_path, spec, model, digits):
+def test_fold_entries_are_index_views_that_copy_no_maps_and_read_in_bounded_chunks(
+    tmp_path, spec, model, digits, monkeypatch
+):
     """A fold's entry holds row indices only; reading it (whole, by chunks of cache.read_chunk_mb, pooled) gives its
     base's rows; a view of a view reads the maps' entry; a view whose base is gone is discarded."""
-    from fmtransfer.heads.data import pooled_grids, pooled_level
+    from fmtransfer.heads import data as head_data
+    from fmtransfer.heads.data import PooledFeatureDataset, PooledFeatureStream, pooled_grids, pooled_level
 
     cache = FeatureCache(tmp_path, read_chunk_mb=0.004)  # 4 KiB: one level1 row (24 x 8 x 8 float16) per chunk
     base = build(cache, digits.splits["train"], spec, model, pool="none")[0].split
@@ -338,8 +342,20 @@ def test_fold_entries_are_index_views_that_copy_no_maps_and_read_in_bounded_chun
     pooled = base.load("level1")[rows].astype(np.float32).mean((2, 3))
     np.testing.assert_array_equal(pooled_level(view, "level1"), pooled)
     np.testing.assert_array_equal(pooled_level(view, "level1", np.array([2, 5, 16])), pooled[[2, 5, 16]])
+    monkeypatch.setattr(head_data, "POOL_BLOCK_BYTES", 1)  # converted to float32 one row at a time: the same means
+    np.testing.assert_array_equal(pooled_level(view, "level1"), pooled)
+    monkeypatch.undo()
     grids = pooled_grids(view, "level1", (1, 2))
     assert {k: tuple(v.shape) for k, v in grids.items()} == {"level1": (17, 24), "level1@2x2": (17, 96)}
+    # The test split's stream: the whole pooled set's batches, pooled a chunk of rows at a time.
+    whole = PooledFeatureDataset.from_cache(view, base.level_names)
+    for chunk_mb, chunk_rows in ((0.004, 5), (0.07, 10)):  # a row of the three levels: 6.3 KiB
+        stream = PooledFeatureStream(store.CachedSplit.open(view.path, chunk_mb), base.level_names, batch_size=5)
+        batches = list(stream)
+        assert stream.chunk_rows == chunk_rows and len(batches) == len(stream) == 4  # 5, 5, 5, 2 rows
+        for b, (features, labels) in enumerate(batches):
+            assert torch.equal(labels, whole.labels[5 * b : 5 * b + 5])
+            assert all(torch.equal(features[k], whole.features[k][5 * b : 5 * b + 5]) for k in base.level_names)
     # A view of the view points at the maps' entry, not at the view.
     inner = np.array([16, 0, 5])
     nested, _ = build_view(cache, view, inner, spec, model, digits, split_name="fold-train")

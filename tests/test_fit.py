@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fmtransfer.cli.config import compose_config
-from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset
+from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, ResidentBatches
 from fmtransfer.regimes import FinetuneRegime, FrozenRegime, PartialRegime, ScratchRegime, for_run_dir
 from fmtransfer.regimes.efficient import BitFitRegime, LoraRegime, SurgicalRegime
 from fmtransfer.training import CachedFeatureDataModule, EpochTimer, PeakMemory, fit_select_test, instantiate_training
@@ -91,6 +91,32 @@ def test_the_start_is_kept_when_no_epoch_beats_it_on_validation(tmp_path):
     # The start's metrics are computed by the module in the sanity check (nothing logged): Lightning's own numbers.
     assert store["metrics"] == pytest.approx(expected, rel=1e-6)
     assert results["val"]["acc"] == pytest.approx(expected["val/acc"], abs=1e-6)
+
+
+def test_the_test_split_is_made_only_when_a_test_reads_it_through_the_regimes_stream(tmp_path):
+    """A cross-validation fold never reads its test split, so never holds it; a run's one test pass reads it
+    through the regime's stream when there is one (frozen heads: pooled from the cache chunk by chunk)."""
+    tools = tools_for(tmp_path)
+
+    def recorded(stream: bool):
+        datamodule, made = digits_datamodule(tools.placement), []
+        make = datamodule.make_dataset
+        datamodule.make_dataset = lambda split: made.append(split) or make(split)
+        if stream:
+            datamodule.make_test_stream = lambda split: (
+                made.append(f"{split} stream") or ResidentBatches(make(split), 64, False, "cpu")
+            )
+        return datamodule, made
+
+    datamodule, made = recorded(stream=False)
+    fold = fit_select_test(tools.fit_trainer(epochs=2), module(lr=0.05), datamodule, seed=0, evaluate_test=False)
+    assert fold["test"] is None and made == ["train", "validation"]
+    tested = {}
+    for stream in (False, True):
+        datamodule, made = recorded(stream)
+        tested[stream] = fit_select_test(tools.fit_trainer(epochs=2), module(lr=0.05), datamodule, seed=0)["test"]
+        assert made == ["train", "validation", "test stream" if stream else "test"]
+    assert tested[True] == tested[False] and tested[True]["acc"] > 0.8
 
 
 def test_a_resumed_run_compares_against_the_score_of_its_true_start(tmp_path):

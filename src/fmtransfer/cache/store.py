@@ -52,7 +52,7 @@ USED = "used"  # its mtime: when the entry was last found or published (least-re
 PREDICT_PREFIX = "predict-"  # make predict's inputs: evicted before anything else
 # Entries this process found or published: never evicted by it (a running comparison reads them memory-mapped).
 _IN_USE: set[Path] = set()
-READ_CHUNK_MB = 256  # default bound on the memory one chunked read of an entry takes (cache.read_chunk_mb)
+READ_CHUNK_MB = 64  # default bound on the memory one chunked read of an entry takes (cache.read_chunk_mb)
 
 
 def fingerprint_key(parts: Mapping) -> str:
@@ -211,7 +211,7 @@ class FeatureCache:
         if verify not in ("checksum", "size"):
             raise CacheError(f"cache.verify={verify} must be 'checksum' or 'size'.")
         if not is_positive_number(read_chunk_mb):
-            raise CacheError(f"cache.read_chunk_mb={read_chunk_mb!r} must be a positive size in MiB (default 256).")
+            raise CacheError(f"cache.read_chunk_mb={read_chunk_mb!r} must be a positive size in MiB (default 64).")
         if max_gb is not None and not is_positive_number(max_gb):
             raise CacheError(f"cache.max_gb={max_gb!r} must be a positive size in GiB, or null for no limit.")
         self.root = Path(root).expanduser()

@@ -30,8 +30,7 @@ def pooled_level(split: CachedSplit, level: str, rows: np.ndarray | None = None)
     for start, chunk in split.chunks(level):
         if keep is not None:
             chunk = chunk[keep[start : start + len(chunk)]]
-        chunk = chunk.astype(np.float32)
-        out[done : done + len(chunk)] = chunk if chunk.ndim == 2 else chunk.mean(axis=(2, 3))
+        out[done : done + len(chunk)] = _pooled(chunk).numpy()
         done += len(chunk)
     return torch.from_numpy(out)
 
@@ -90,6 +89,54 @@ class PooledFeatureDataset(Dataset):
     def to(self, device: torch.device | str) -> PooledFeatureDataset:
         """The same dataset with its tensors on ``device``."""
         return PooledFeatureDataset({k: v.to(device) for k, v in self.features.items()}, self.labels.to(device))
+
+
+class PooledFeatureStream:
+    """A cached split's levels globally pooled a chunk of rows at a time, on every pass, served as batches like
+    ``PooledFeatureDataset``'s: for a split read once (the test split), whose features need not stay in memory.
+
+    A chunk's maps, all levels together, take at most ``cache.read_chunk_mb`` (at least one batch of rows), so the
+    memory a pass takes is bounded by that setting, not by the split. An iterable with ``__len__`` (batches), which
+    Lightning accepts wherever it takes a DataLoader.
+    """
+
+    def __init__(self, split: CachedSplit, levels: Sequence[str], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.split, self.levels, self.batch_size = split, list(levels), batch_size
+        row_bytes = sum(int(np.prod(split.shape(n)[1:])) * split.dtype(n).itemsize for n in self.levels)
+        rows = int(split.read_chunk_mb * 2**20) // max(1, row_bytes)
+        self.chunk_rows = max(1, rows // batch_size) * batch_size  # whole batches: only the split's last is smaller
+
+    def __len__(self) -> int:
+        return math.ceil(self.split.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator:
+        labels = torch.from_numpy(self.split.labels())
+        n = self.split.num_samples
+        for start in range(0, n, self.chunk_rows):
+            stop = min(start + self.chunk_rows, n)
+            pooled = {name: _pooled(self.split.read_rows(name, start, stop)) for name in self.levels}
+            for b in range(0, stop - start, self.batch_size):
+                yield (
+                    {k: v[b : b + self.batch_size] for k, v in pooled.items()},
+                    labels[start + b : start + b + self.batch_size],
+                )
+
+
+POOL_BLOCK_BYTES = 16 * 2**20  # the float32 copy pooling makes, a block of rows at a time
+
+
+def _pooled(rows: np.ndarray) -> torch.Tensor:
+    """Cached rows as float32 ``[N, C]``: spatial maps averaged over H, W, converted to float32 a block of rows at a
+    time (each row's mean is the same whatever the block; a chunk's whole float32 copy would double its memory)."""
+    if rows.ndim == 2:
+        return torch.from_numpy(rows.astype(np.float32))
+    out = np.empty(rows.shape[:2], dtype=np.float32)
+    step = max(1, POOL_BLOCK_BYTES // (4 * int(np.prod(rows.shape[1:]))))
+    for start in range(0, len(rows), step):
+        out[start : start + step] = rows[start : start + step].astype(np.float32).mean(axis=(2, 3))
+    return torch.from_numpy(out)
 
 
 class CachedMapDataset(Dataset):

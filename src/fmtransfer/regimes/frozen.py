@@ -16,7 +16,7 @@ from torch import nn
 from fmtransfer.backbone import LevelInfo, parse_levels
 from fmtransfer.cache import CacheResult
 from fmtransfer.errors import ConfigError
-from fmtransfer.heads import HeadClassifier, PooledFeatureDataset, build_head, input_grids
+from fmtransfer.heads import HeadClassifier, PooledFeatureDataset, PooledFeatureStream, build_head, input_grids
 from fmtransfer.regimes.context import RunContext, as_level_spec, start_run
 from fmtransfer.training import CachedFeatureDataModule, TrainingTools, epochs_for, fit_select_test, reseed
 
@@ -109,6 +109,10 @@ class FrozenRegime:
             head_cfg.batch_size,
             ctx.tools.placement,
             ctx.seed,
+            # the one test pass pools its rows chunk by chunk (globally pooled levels; grids are made whole)
+            make_test_stream=(lambda split: PooledFeatureStream(split, names, head_cfg.batch_size))
+            if tuple(grids) == (1,)
+            else None,
         )
         datamodule.setup("fit")  # the head's input sizes and normaliser come from the training features
         train_features = datamodule.sets["train"].features
