@@ -109,7 +109,7 @@ class FrozenRegime:
             head_cfg.batch_size,
             ctx.tools.placement,
             ctx.seed,
-            # the one test pass pools its rows chunk by chunk (globally pooled levels; grids are made whole)
+            # the one test pass pools the test split chunk by chunk (heads reading grids hold it whole)
             make_test_stream=(lambda split: PooledFeatureStream(split, names, head_cfg.batch_size))
             if tuple(grids) == (1,)
             else None,

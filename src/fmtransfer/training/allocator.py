@@ -4,7 +4,8 @@ By default glibc serves every allocation above a dynamic threshold (at most 32 M
 freed memory at the heap's top back to the OS past a trim threshold, so a batch's activations are page-faulted in
 again whenever the heap was trimmed, at the start of every fit and validation pass after a quieter phase. Fixing both
 thresholds (``mallopt``) keeps that memory mapped. Python's memory settings have no such knob; PyTorch's CPU tuning
-guide reaches the same end with jemalloc or tcmalloc, which this keeps the user from having to preload.
+guide reaches the same end with jemalloc or tcmalloc, which this keeps the user from having to preload. The bytes in
+use (``mallinfo2``) are how a run's peak memory is measured on the CPU without giving kept memory back.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fmtransfer.errors import ConfigError
@@ -67,7 +69,7 @@ class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h, glibc
     ]  # fmt: skip
 
 
-def heap_in_use_reader():
+def heap_in_use_reader() -> Callable[[], int] | None:
     """A function returning the bytes this process holds through glibc's ``malloc`` (every arena's chunks in use
     plus its mmapped blocks: ``mallinfo2``), or None where the C library is not glibc >= 2.33. Freed memory that glibc
     keeps for reuse is not counted, so the figure needs no trimming of the heap; a call walks the free lists
