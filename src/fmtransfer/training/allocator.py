@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h, glibc
     ]  # fmt: skip
 
 
+@functools.cache  # looked up once per process: every fit's PeakMemory asks
 def heap_in_use_reader() -> Callable[[], int] | None:
     """A function returning the bytes this process holds through glibc's ``malloc`` (every arena's chunks in use
     plus its mmapped blocks: ``mallinfo2``), or None where the C library is not glibc >= 2.33. Freed memory that glibc
