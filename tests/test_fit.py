@@ -93,13 +93,15 @@ def test_the_start_is_kept_when_no_epoch_beats_it_on_validation(tmp_path):
     assert results["val"]["acc"] == pytest.approx(expected["val/acc"], abs=1e-6)
 
 
-def test_the_test_split_is_made_only_when_a_test_reads_it_through_the_regimes_stream(tmp_path):
-    """A cross-validation fold never reads its test split, so never holds it; a run's one test pass reads it
-    through the regime's stream when there is one (frozen heads: pooled from the cache chunk by chunk)."""
+def test_a_split_is_made_only_when_the_fit_reads_it_and_the_test_through_the_regimes_stream(tmp_path):
+    """A cross-validation fold never reads its test split, so never holds it; a refit never validates, so never
+    holds a validation set (its entry is the whole pool again); a run's one test pass reads the test split through
+    the regime's stream when there is one (frozen heads: pooled from the cache chunk by chunk)."""
     tools = tools_for(tmp_path)
 
-    def recorded(stream: bool):
+    def recorded(stream: bool, validates: bool = True):
         datamodule, made = digits_datamodule(tools.placement), []
+        datamodule.validates = validates
         make = datamodule.make_dataset
         datamodule.make_dataset = lambda split: made.append(split) or make(split)
         if stream:
@@ -117,6 +119,9 @@ def test_the_test_split_is_made_only_when_a_test_reads_it_through_the_regimes_st
         tested[stream] = fit_select_test(tools.fit_trainer(epochs=2), module(lr=0.05), datamodule, seed=0)["test"]
         assert made == ["train", "validation", "test stream" if stream else "test"]
     assert tested[True] == tested[False] and tested[True]["acc"] > 0.8
+    datamodule, made = recorded(stream=False, validates=False)
+    refit = fit_select_test(tools.fit_trainer(epochs=2, validate=False), module(lr=0.05), datamodule, 0, refit=True)
+    assert made == ["train", "test"] and refit["epochs"] == 2 and refit["test"]["acc"] > 0.8
 
 
 def test_a_resumed_run_compares_against_the_score_of_its_true_start(tmp_path):

@@ -113,6 +113,7 @@ class FrozenRegime:
             make_test_stream=(lambda split: PooledFeatureStream(split, names, head_cfg.batch_size))
             if tuple(grids) == (1,)
             else None,
+            validates=not ctx.refit,
         )
         datamodule.setup("fit")  # the head's input sizes and normaliser come from the training features
         train_features = datamodule.sets["train"].features

@@ -83,6 +83,7 @@ class PartialRegime(BackboneTraining):
                 ctx.seed,
                 drop_last_train=True,
                 make_train=train_views if use_views else None,
+                validates=not ctx.refit,
             )
             datamodule.setup("fit")  # extract (or find) the prefix output before training is timed
             extract_seconds = sum(c.extract_seconds for c in [*datamodule.caches.values(), *views])

@@ -174,10 +174,12 @@ class CachedFeatureDataModule(_EvaluateOnce):
     ``load_caches`` returns each split's cache entry, extracting the maps first on a miss: it runs in ``setup``
     (once, however often Lightning calls it), on every process, since DDP extraction shards the work by rank.
     ``make_dataset`` turns one cached split into the dataset (pooled vectors for heads, full maps for partial);
-    ``make_train``, if given, makes the training set instead (partial's augmented views). The test split, read once
-    after training (never by a cross-validation fold), is made when its loader is first asked for: by
-    ``make_test_stream`` on a single device when given (read from the cache chunk by chunk, never held whole),
-    else by ``make_dataset``.
+    ``make_train``, if given, makes the training set instead (partial's augmented views). ``setup`` makes the
+    training set, and the validation set when ``validates`` (a refit on the whole pool validates nothing, and its
+    validation entry holds the same rows as its train). A split not made there is made when its loader is first asked
+    for: a cross-validation fold never makes a test set; the test split, read once after training, comes from
+    ``make_test_stream`` on a single device when given (read from the cache chunk by chunk, never held whole), else
+    from ``make_dataset``.
     """
 
     def __init__(
@@ -190,12 +192,14 @@ class CachedFeatureDataModule(_EvaluateOnce):
         drop_last_train: bool = False,
         make_train: Callable[[], InMemoryDataset] | None = None,
         make_test_stream: Callable[[CachedSplit], Iterable] | None = None,
+        validates: bool = True,
     ):
         super().__init__()
         self.load_caches = load_caches
         self.make_dataset = make_dataset
         self.make_train = make_train
         self.make_test_stream = make_test_stream
+        self.validates = validates
         self.batch_size = batch_size
         self.placement = placement
         self.seed = seed
@@ -204,24 +208,24 @@ class CachedFeatureDataModule(_EvaluateOnce):
         self.sets: dict[str, InMemoryDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.sets:
+        if self.caches:
             return
         self.caches = self.load_caches()
         # ``load_caches`` may leave out splits this fit never reads (a refit on views: the un-augmented train).
-        made_here = [
-            s for s in ("train", "validation") if s in self.caches and (s != "train" or self.make_train is None)
-        ]
-        self.sets = {s: self.make_dataset(self.caches[s].split) for s in made_here}
+        made_here = ["validation"] if self.validates else []
         if self.make_train is not None:
             self.sets["train"] = self.make_train()
+        else:
+            made_here.insert(0, "train")
+        self.sets.update({s: self.make_dataset(self.caches[s].split) for s in made_here if s in self.caches})
 
     def loader(self, split: str, shuffle: bool = False, drop_last: bool = False):
         self.setup()
-        if split == "test" and "test" not in self.sets:
-            test = self.caches["test"].split
-            if self.make_test_stream is not None and self.placement.device is not None:
-                return self.make_test_stream(test)
-            self.sets["test"] = self.make_dataset(test)
+        if split not in self.sets:
+            cached = self.caches[split].split
+            if split == "test" and self.make_test_stream is not None and self.placement.device is not None:
+                return self.make_test_stream(cached)
+            self.sets[split] = self.make_dataset(cached)
         return feature_batches(self.sets[split], self.batch_size, shuffle, self.placement, self.seed, drop_last)
 
     def train_dataloader(self):

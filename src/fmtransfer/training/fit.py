@@ -204,11 +204,10 @@ def _curve_arrays(curve: ValidationCurve) -> dict | None:
     if not curve.probs or curve.labels is None:
         return None
     epochs = sorted(curve.probs)
-    return {
-        "epochs": np.asarray(epochs, dtype=np.int64),
-        "probs": torch.stack([curve.probs[e] for e in epochs]).numpy(),
-        "labels": curve.labels.numpy(),
-    }
+    probs = np.empty((len(epochs), *curve.probs[epochs[0]].shape), dtype=np.float32)
+    for i, epoch in enumerate(epochs):  # moved epoch by epoch: never the curve twice in memory
+        probs[i] = curve.probs.pop(epoch).numpy()
+    return {"epochs": np.asarray(epochs, dtype=np.int64), "probs": probs, "labels": curve.labels.numpy()}
 
 
 def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, seed: int) -> dict:
