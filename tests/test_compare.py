@@ -427,3 +427,55 @@ def test_a_scheduled_run_frees_its_trainer_and_data_when_it_ends(tmp_path, tiny_
     finally:
         gc.enable()
     assert metrics["test"] is not None and not left
+
+
+def test_run_slots_bound_the_runs_at_once_and_a_dead_holder_frees_its_slot(tmp_path, monkeypatch):
+    """The GPU kit's comparisons (separate processes) share the device's run slots: never more runs at once than
+    slots, and a process that dies holding one (killed, crashed) leaves it free."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    slots = schedule_mod.RunSlots(tmp_path / "slots", 2, poll_s=0.01)
+    now, most, guard = [0], [0], threading.Lock()
+
+    def one_run():
+        with slots.held():
+            with guard:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            time.sleep(0.05)
+            with guard:
+                now[0] -= 1
+
+    runs = [threading.Thread(target=one_run) for _ in range(6)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(timeout=10)
+    assert most[0] == 2 and now[0] == 0
+
+    single = schedule_mod.RunSlots(tmp_path / "single", 1, poll_s=0.01)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\ntime.sleep(60)", str(tmp_path / "single" / "slot0")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiting = threading.Thread(target=lambda: single.held().__enter__())
+        waiting.start()
+        waiting.join(timeout=0.3)
+        assert waiting.is_alive(), "the slot was taken while another process held it"
+    finally:
+        holder.kill()
+        holder.wait()
+    waiting.join(timeout=5)
+    assert not waiting.is_alive(), "a killed process's slot stayed taken"
+
+    monkeypatch.setenv(schedule_mod.RUN_SLOTS_ENV, f"{tmp_path / 'env'}:3")
+    assert schedule_mod.RunSlots.from_env().count == 3
+    monkeypatch.setenv(schedule_mod.RUN_SLOTS_ENV, "3")
+    with pytest.raises(FmtransferError, match="<folder>:<count>"):
+        schedule_mod.RunSlots.from_env()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fmtransfer.gpu_kit.stages import DATA, DeviceStage, Experiment
-from fmtransfer.report.schedule import worker_count
+from fmtransfer.report.schedule import RUN_SLOTS_ENV, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +183,15 @@ def run_stage(
         return compare_job(experiment, kit, work, budget, overrides)
 
     compares: list[Job] = []
-    workers = worker_count("auto", "gpu")  # the device's worker processes, shared by a group's comparisons
+    # The device's run slots, one pool for every comparison of the stage: a comparison may use them all, and runs
+    # as many at once as the others leave free (report/schedule.py RunSlots).
+    workers = worker_count("auto", "gpu")
+    env[RUN_SLOTS_ENV] = f"{work / 'run-slots'}:{workers}"
     for i, group in enumerate(stage.groups):
         # Each group gets an equal share of the time left; a group that finishes early leaves more to the next.
         left = deadline - FINAL_REPORT_S - time.monotonic()
         budget = max(left / (len(stage.groups) - i) - REPORT_MARGIN_S, 0.0)
-        share = f"compare.workers={max(1, workers // len(group))}"
-        group_jobs = [compare_for(e, budget, share) for e in group]
+        group_jobs = [compare_for(e, budget, f"compare.workers={workers}") for e in group]
         run_jobs(group_jobs, time.monotonic() + budget + REPORT_MARGIN_S, env)
         # A comparison stopped at its group's end has no report: one more pass with no time budget runs nothing new
         # and writes the report from the runs that finished (each run's metrics.json), saying which did not run.

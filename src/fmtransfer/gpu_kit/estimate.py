@@ -85,16 +85,14 @@ def stage_seconds(
     fallbacks: dict[str, str],
     workers: int = 1,
 ) -> tuple[float, list[str]]:
-    """Expected seconds of ``stage``: the bench, then each group as long as its longest comparison (they run at
-    once, as when measured), each comparison's runs spread evenly over its share of ``workers`` (a bound: runs side
-    by side share the device). ``runs``: each experiment's planned runs per regime. Also the regimes not measured."""
+    """Expected seconds of ``stage``: the bench, then each group's runs spread evenly over the device's ``workers``
+    run slots, which its comparisons share (a bound: runs side by side share the device). ``runs``: each
+    experiment's planned runs per regime. Also the regimes not measured."""
     total = (figures.bench_seconds or 0.0) if stage.bench else 0.0
     unknown = []
     for group in stage.groups:
-        longest = 0.0
-        share = max(1, workers // len(group))
+        work = 0.0
         for experiment in group:
-            seconds = 0.0
             for regime, count in runs[experiment.name].items():
                 per_run = figures.per_run(experiment.name, regime, fallbacks.get(regime))
                 if per_run is None and experiment.config:  # the same dataset and settings, under another name
@@ -102,7 +100,6 @@ def stage_seconds(
                 if per_run is None:
                     unknown.append(f"{experiment.name}/{regime}")
                     continue
-                seconds += count * per_run
-            longest = max(longest, seconds / share)
-        total += longest
+                work += count * per_run
+        total += work / max(1, workers)
     return total, unknown

@@ -36,7 +36,8 @@ class Experiment:
 @dataclass(frozen=True)
 class DeviceStage:
     """One device command: the bench (alone, so its timings are side by side), then groups of comparisons, one group
-    after the other; the comparisons of a group run at the same time, each group within its share of the time left."""
+    after the other; the comparisons of a group run at the same time, taking their runs' turns from the device's run
+    slots (``RunSlots``), each group within its share of the time left."""
 
     name: str
     bench: bool

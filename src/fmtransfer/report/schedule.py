@@ -3,18 +3,24 @@
 Independent runs (folds, candidates, seeds) are submitted as soon as they are known; a run whose ``metrics.json``
 exists is reused, and no run starts once ``compare.time_budget_s`` would be exceeded by the longest run so far.
 Every run seeds itself from its config, so a run's numbers do not depend on where or beside what it ran.
+
+Comparisons in separate processes share one device through ``RunSlots`` (``FMTRANSFER_RUN_SLOTS``): a run trains
+only while it holds one of the device's slots, so the GPU report kit's comparisons of one stage take runs from one
+pool of slots, each as many as the others leave free.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +31,7 @@ from fmtransfer.regimes import run_regime
 
 log = logging.getLogger(__name__)
 
+RUN_SLOTS_ENV = "FMTRANSFER_RUN_SLOTS"  # "<folder>:<count>", set by whoever runs comparisons side by side
 WORKER_MEMORY_GB = 10.0  # GPU memory one run of the full preset may need (an H200's comparison peaked below 8)
 MAX_WORKERS = 8
 
@@ -43,6 +50,47 @@ def worker_count(setting, accelerator: str) -> int:
     return max(1, min(MAX_WORKERS, cores // 2, int(free / 2**30 // WORKER_MEMORY_GB)))
 
 
+class RunSlots:
+    """At most ``count`` runs at once across every process given the same ``folder``: a run holds an exclusive
+    ``flock`` on one of ``count`` slot files while it runs. The OS drops a process's locks when it ends, so a run that
+    crashes never keeps its slot."""
+
+    def __init__(self, folder: Path, count: int, poll_s: float = 0.2):
+        if count < 1:
+            raise ConfigError(f"{RUN_SLOTS_ENV}: {count} slots; give at least 1 (<folder>:<count>).")
+        self.folder, self.count, self.poll_s = Path(folder), int(count), poll_s
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_env(cls) -> RunSlots | None:
+        """The slots ``FMTRANSFER_RUN_SLOTS`` names (``<folder>:<count>``), or None when it is not set."""
+        value = os.environ.get(RUN_SLOTS_ENV)
+        if not value:
+            return None
+        folder, _, count = value.rpartition(":")
+        if not folder or not count.isdigit():
+            raise ConfigError(f"{RUN_SLOTS_ENV}={value!r}: expected <folder>:<count>, e.g. /tmp/slots:4.")
+        return cls(Path(folder), int(count))
+
+    @contextmanager
+    def held(self) -> Iterator[int]:
+        """Wait for a free slot, hold it for the ``with`` block; yields its index."""
+        while True:
+            for index in range(self.count):
+                handle = open(self.folder / f"slot{index}", "a")  # noqa: SIM115 - closed below, lock and all
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                try:
+                    yield index
+                finally:
+                    handle.close()  # releases the lock
+                return
+            time.sleep(self.poll_s)
+
+
 def _worker_init(threads: int, setup: Callable[[], None] | None) -> None:
     torch.set_num_threads(threads)
     if setup is not None:
@@ -55,13 +103,15 @@ def _run(label: str, cfg: DictConfig, run_dir: Path, deadline: float | None, lon
     if done.is_file():
         log.info(f"{label}: done earlier, reusing {done}")
         return json.loads(done.read_text())
-    if deadline is not None and time.time() + longest >= deadline:
-        log.warning(f"{label}: not run (compare.time_budget_s would be exceeded)")
-        return None
-    log.info(f"{label}: running")
-    start = time.perf_counter()
-    metrics = run_regime(cfg, run_dir)
-    metrics["_seconds"] = time.perf_counter() - start
+    slots = RunSlots.from_env()
+    with slots.held() if slots is not None else nullcontext():
+        if deadline is not None and time.time() + longest >= deadline:  # judged when the run could start
+            log.warning(f"{label}: not run (compare.time_budget_s would be exceeded)")
+            return None
+        log.info(f"{label}: running")
+        start = time.perf_counter()
+        metrics = run_regime(cfg, run_dir)
+        metrics["_seconds"] = time.perf_counter() - start
     # A run's Trainer, datamodule and model hold each other in reference cycles, with its features or images: freed
     # now, so the next run (or the report) reuses that memory instead of adding to it.
     gc.collect()
