@@ -11,7 +11,6 @@ pool of slots, each as many as the others leave free.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import json
 import logging
@@ -75,6 +74,8 @@ class RunSlots:
     @contextmanager
     def held(self) -> Iterator[int]:
         """Wait for a free slot, hold it for the ``with`` block; yields its index."""
+        import fcntl  # POSIX only: slots are set by the GPU kit, on Linux
+
         while True:
             for index in range(self.count):
                 handle = open(self.folder / f"slot{index}", "a")  # noqa: SIM115 - closed below, lock and all
