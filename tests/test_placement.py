@@ -273,3 +273,23 @@ def test_bad_malloc_settings_name_the_option(value):
 
     with pytest.raises(ConfigError, match=r"trainer\.malloc"):
         malloc_settings(value)
+
+
+def test_importing_fmtransfer_raises_onednn_s_primitive_cache_unless_the_user_set_it():
+    """A comparison's runs compile more oneDNN primitives than its default cache (1,024) holds; set before oneDNN
+    first reads it (on import), and never over a user's own value."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, fmtransfer; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    theirs = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "100"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(ours.stdout) > 1024 and theirs.stdout.strip() == "100"
