@@ -123,10 +123,13 @@ class CachedSplit:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self._check_level(name)["dtype"])
 
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one row (image) of level ``name``."""
+        return int(np.prod(self.shape(name)[1:])) * self.dtype(name).itemsize
+
     def rows_per_chunk(self, name: str) -> int:
         """How many rows of level ``name`` one chunked read takes (at least one)."""
-        row_bytes = max(1, int(np.prod(self.shape(name)[1:])) * self.dtype(name).itemsize)
-        return max(1, int(self.read_chunk_mb * 2**20) // row_bytes)
+        return max(1, int(self.read_chunk_mb * 2**20) // max(1, self.row_bytes(name)))
 
     def level(self, name: str) -> np.ndarray:
         """Level ``name``: memory-mapped for a plain entry; a view's rows gathered into memory (prefer ``chunks``)."""

@@ -104,8 +104,7 @@ class PooledFeatureStream:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.split, self.levels, self.batch_size = split, list(levels), batch_size
-        row_bytes = sum(int(np.prod(split.shape(n)[1:])) * split.dtype(n).itemsize for n in self.levels)
-        rows = int(split.read_chunk_mb * 2**20) // max(1, row_bytes)
+        rows = int(split.read_chunk_mb * 2**20) // max(1, sum(split.row_bytes(n) for n in self.levels))
         self.chunk_rows = max(1, rows // batch_size) * batch_size  # whole batches: only the split's last is smaller
 
     def __len__(self) -> int:

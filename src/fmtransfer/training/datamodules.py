@@ -212,12 +212,12 @@ class CachedFeatureDataModule(_EvaluateOnce):
             return
         self.caches = self.load_caches()
         # ``load_caches`` may leave out splits this fit never reads (a refit on views: the un-augmented train).
-        made_here = ["validation"] if self.validates else []
         if self.make_train is not None:
             self.sets["train"] = self.make_train()
-        else:
-            made_here.insert(0, "train")
-        self.sets.update({s: self.make_dataset(self.caches[s].split) for s in made_here if s in self.caches})
+        wanted = ("train", "validation") if self.validates else ("train",)
+        self.sets.update(
+            {s: self.make_dataset(self.caches[s].split) for s in wanted if s in self.caches and s not in self.sets}
+        )
 
     def loader(self, split: str, shuffle: bool = False, drop_last: bool = False):
         self.setup()
