@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fmtransfer.backbone import FeatureMapExtractor, build_eval_transform, describe_backbone, resolve_data_config
-from fmtransfer.data.leakage import image_signature
+from fmtransfer.data.leakage import image_signatures
 
 
 def near_copy(image: Image.Image) -> bytes:
@@ -28,8 +28,8 @@ def near_copy(image: Image.Image) -> bytes:
 
 
 def thumbnails(encoded: list[bytes]) -> np.ndarray:
-    """The check's own thumbnails (``image_signature``: decoded as the check decodes them)."""
-    return np.stack([image_signature({"bytes": data, "path": None})[2] for data in encoded])
+    """The check's own thumbnails (``image_signatures``: decoded as the check decodes them)."""
+    return image_signatures([{"bytes": data, "path": None} for data in encoded])[2]
 
 
 def pre_logits(images: list[Image.Image]) -> np.ndarray:

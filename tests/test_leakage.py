@@ -12,30 +12,34 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fmtransfer.bench.scale import pil_thumbnail
 from fmtransfer.cli.config import compose_config
 from fmtransfer.data import prepare_data
-from fmtransfer.data.leakage import DEFAULT_THRESHOLD, thumbnail
+from fmtransfer.data.leakage import DEFAULT_THRESHOLD, image_signatures
 from fmtransfer.regimes import run_regime
 
 from .conftest import shared_dataset
 
 
-def _resized_jpeg(path: Path) -> Image.Image:
+def _resized_jpeg(path: Path) -> bytes:
     """The photo resized to 90 % and re-saved as JPEG quality 85: a near copy."""
     image = Image.open(path).convert("RGB")
     image = image.resize((round(image.width * 0.9), round(image.height * 0.9)), Image.BICUBIC)
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=85)
-    buf.seek(0)
-    return Image.open(buf)
+    return buf.getvalue()
+
+
+def _thumbnails(encoded: list[bytes]) -> np.ndarray:
+    return image_signatures([{"bytes": data, "path": None} for data in encoded])[2]
 
 
 def test_the_near_duplicate_threshold_separates_copies_from_distinct_photos():
     """On real photos (hymenoptera train, 244 images): every resized + re-encoded copy correlates above the default
     threshold with its original; no two distinct photos of the same class do."""
     files = sorted(shared_dataset("hymenoptera").joinpath("train").rglob("*.jpg"))
-    thumbs = np.stack([thumbnail(Image.open(f)) for f in files])
-    copies = np.stack([thumbnail(_resized_jpeg(f)) for f in files[::8]])
+    thumbs = _thumbnails([f.read_bytes() for f in files])
+    copies = _thumbnails([_resized_jpeg(f) for f in files[::8]])
     assert (np.einsum("ij,ij->i", thumbs[::8], copies) >= DEFAULT_THRESHOLD).all()
     classes = np.array([f.parent.name for f in files])
     same = (classes[:, None] == classes[None, :]) & ~np.eye(len(files), dtype=bool)
@@ -55,7 +59,7 @@ def test_copies_in_the_test_split_are_counted_and_dropped(tmp_path):
         if k < 5:
             shutil.copy(path, dest / f"copy_{k}.jpg")
         else:
-            _resized_jpeg(path).save(dest / f"near_{k}.jpg")
+            (dest / f"near_{k}.jpg").write_bytes(_resized_jpeg(path))
     common = dict(rename={"validation": "test"}, val_fraction=0.2, cache_dir=str(tmp_path / "hf"))
     before = prepare_data(str(clean), **common).leakage.counts()
     leaked = prepare_data(str(leaky), **common)
@@ -111,7 +115,7 @@ def test_the_faiss_index_finds_the_pairs_the_dense_search_finds():
     just below the threshold (~0.98): the indexed search returns exactly the dense search's pairs and scores."""
     import pytest
 
-    from fmtransfer.data.leakage import ThumbnailRows, search_mode, similar_pairs
+    from fmtransfer.data.leakage import ThumbnailRows, block_means, search_mode, similar_pairs
     from fmtransfer.errors import ConfigError
 
     pytest.importorskip("faiss", reason="faiss-cpu is an optional extra (fmtransfer[scale])")
@@ -136,6 +140,28 @@ def test_the_faiss_index_finds_the_pairs_the_dense_search_finds():
     indexed = similar_pairs(queries, on_disk, DEFAULT_THRESHOLD, "faiss")
     assert [(r, c) for r, c, _ in indexed] == [(r, c) for r, c, _ in dense]
     assert np.allclose([s for *_, s in indexed], [s for *_, s in dense], atol=1e-5)
+    coarse = references.reshape(-1, 8, 4, 8, 4).sum(axis=(2, 4)).reshape(len(references), 64) / 4
+    assert np.allclose(block_means(references), coarse, atol=1e-6)  # the index's projection: 8 x 8 block averages
     assert search_mode("auto", 9_999) == "dense" and search_mode("auto", 10_000) == "faiss"
     with pytest.raises(ConfigError, match=r"data\.leakage\.index=fast is not known"):
         search_mode("fast", 10)
+
+
+def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes():
+    """Smooth seeded pictures of odd sizes as RGB, grayscale and CMYK JPEGs (decoded by libjpeg) and RGBA and
+    palette PNGs (by PIL): each thumbnail correlates >= 0.999 with PIL's; a flat image's is all zeros."""
+    rng = np.random.default_rng(0)
+    encoded = []
+    for k, kind in enumerate(["RGB", "L", "CMYK", "RGBA", "P"] * 2):
+        h, w = [(61, 97), (64, 64), (200, 300), (333, 250)][k % 4]
+        field = rng.uniform(0, 255, size=(h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
+        image = Image.fromarray(field.astype(np.uint8)).convert(kind)
+        buf = io.BytesIO()
+        image.save(buf, "PNG" if kind in ("RGBA", "P") else "JPEG", quality=90)
+        encoded.append(buf.getvalue())
+    flat = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(flat, "PNG")
+    thumbs = image_signatures([{"bytes": data, "path": None} for data in [*encoded, flat.getvalue()]])[2]
+    reference = np.stack([pil_thumbnail(Image.open(io.BytesIO(data))) for data in encoded])
+    assert (np.einsum("ij,ij->i", thumbs[:-1], reference) >= 0.999).all()
+    assert not thumbs[-1].any()

@@ -9,7 +9,8 @@ Why thumbnails and not the backbone's pre-logits: measured on the shared dataset
 distinct photos of the same texture class reach 0.986, so no pre-logits threshold separates them; thumbnails keep
 >= 0.998 for such copies and <= 0.977 (textures) / 0.815 (hymenoptera) for distinct same-class photos.
 
-Each image is read once (hashed and decoded from the same bytes), in parallel threads, a batch of rows at a time.
+Each image is read once (hashed and decoded from the same bytes), in parallel threads, a batch of rows at a time;
+JPEGs are decoded straight to grayscale by libjpeg (torchvision), and thumbnails of one size resized together.
 Pairs are searched either densely, block by block (``BLOCK`` query rows against all reference rows: memory grows
 with ``BLOCK x references``, time with ``queries x references``), or, for large splits, through a FAISS index
 (``faiss-cpu``, an optional extra): thumbnails projected onto their 8 x 8 block averages (an orthogonal projection
@@ -22,27 +23,32 @@ recall against the dense search.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.util
 import io
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from fmtransfer.data.images import encoded_bytes
+from fmtransfer.data.images import JPEG_MAGIC, encoded_bytes
 from fmtransfer.errors import ConfigError
 
 THUMB = 32
 BLOCK = 2048
 READ_BATCH = 512  # rows read and decoded at a time (memory bounded by this, not by the split)
+RESIZE_PIXELS = 1 << 22  # input pixels resized in one call (a batch of 4-megapixel photos: one at a time)
 INDEX_GRID = 8  # the FAISS index holds each thumbnail's 8 x 8 block averages (64 dimensions)
 INDEX_PROBES = 16  # inverted lists searched per query
 INDEX_TRAIN_ITERATIONS = 10  # k-means iterations of the index's lists (FAISS's default, 25, costs more than it buys)
@@ -163,17 +169,76 @@ class Signatures:
     thumbs: ThumbnailRows
 
 
-def image_signature(image: dict) -> tuple[str, str, np.ndarray]:
-    """One undecoded image (``{"bytes", "path"}``): its bytes read once, hashed and decoded."""
-    data = encoded_bytes(image)
-    with Image.open(io.BytesIO(data)) as decoded:
-        thumb = thumbnail(decoded)
-    return hashlib.blake2b(data, digest_size=16).hexdigest(), image.get("path") or "", thumb
+def decode_grays(encoded: list[bytes]) -> list[torch.Tensor]:
+    """Encoded images as ``[H, W]`` uint8 luma. JPEGs: libjpeg's grayscale output (their Y channel), decoded by
+    torchvision in one call per list that releases the GIL (threads decode in parallel); anything else, or a JPEG
+    libjpeg refuses, through PIL's ``convert("L")`` (the same luma weights)."""
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, data in enumerate(encoded) if data[:3] == JPEG_MAGIC]
+    try:
+        tensors = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
+        for i, gray in zip(jpegs, decode_jpeg(tensors, mode=ImageReadMode.GRAY) if jpegs else [], strict=True):
+            out[i] = gray[0]
+    except RuntimeError:  # one image of the list is refused: each on its own below
+        pass
+    for i, gray in enumerate(out):
+        if gray is None:
+            out[i] = decode_gray(encoded[i])
+    return out
+
+
+def decode_gray(data: bytes) -> torch.Tensor:
+    """One encoded image as ``[H, W]`` uint8 luma (``decode_grays``)."""
+    if data[:3] == JPEG_MAGIC:
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)[0]
+        except RuntimeError:
+            pass
+    with Image.open(io.BytesIO(data)) as image:
+        return torch.from_numpy(np.array(image.convert("L")))
+
+
+def thumbnails(grays: list[torch.Tensor]) -> np.ndarray:
+    """``[n, THUMB*THUMB]``: each image's centre square resized to ``THUMB`` x ``THUMB`` (antialiased bilinear on
+    uint8 levels, as PIL's ``BILINEAR`` resize), mean removed, unit norm (flat images: all
+    zeros). Squares of one side are resized together, at most ``RESIZE_PIXELS`` input pixels a call."""
+    out = torch.zeros(len(grays), THUMB * THUMB)
+    by_side: dict[int, list[int]] = {}
+    for i, gray in enumerate(grays):
+        by_side.setdefault(min(gray.shape), []).append(i)
+    for side, rows in by_side.items():
+        step = max(1, RESIZE_PIXELS // side**2)
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            squares = torch.stack([centre_square(grays[i]) for i in chunk]).unsqueeze(1)
+            small = F.interpolate(squares, size=(THUMB, THUMB), mode="bilinear", antialias=True, align_corners=False)
+            out.index_copy_(0, torch.tensor(chunk), small.flatten(1).float())
+    out -= out.mean(dim=1, keepdim=True)
+    norms = out.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, out / norms.clamp_min(torch.finfo(out.dtype).tiny), out).numpy()
+
+
+def centre_square(gray: torch.Tensor) -> torch.Tensor:
+    h, w = gray.shape
+    if h == w:
+        return gray
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return gray[top : top + side, left : left + side]
+
+
+def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
+    """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; their hashes, paths
+    ("" for images stored as bytes) and thumbnails."""
+    encoded = [encoded_bytes(image) for image in images]
+    hashes = [hashlib.blake2b(data, digest_size=16).hexdigest() for data in encoded]
+    return hashes, [image.get("path") or "" for image in images], thumbnails(decode_grays(encoded))
 
 
 def signatures(split: Dataset, workers: int | None = None) -> Signatures:
-    """Every image's hash, path and thumbnail, read ``READ_BATCH`` rows at a time and decoded in ``workers`` threads
-    (default: the CPUs this process may use); thumbnails of splits past ``INDEX_MIN_REFERENCES`` go to a file."""
+    """Every image's hash, path and thumbnail, read ``READ_BATCH`` rows at a time, each batch shared among
+    ``workers`` threads (default: the CPUs this process may use); thumbnails of splits past
+    ``INDEX_MIN_REFERENCES`` go to a file."""
     raw = split.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
     n = len(split)
     in_memory = np.zeros((n, THUMB * THUMB), dtype=np.float32) if n < INDEX_MIN_REFERENCES else None
@@ -182,24 +247,13 @@ def signatures(split: Dataset, workers: int | None = None) -> Signatures:
     workers = workers or len(os.sched_getaffinity(0))
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, n, READ_BATCH):
-            found = list(pool.map(image_signature, raw[start : start + READ_BATCH]["image"]))
-            hashes += [h for h, _, _ in found]
-            paths += [path for _, path, _ in found]
-            thumbs.write(start, np.stack([t for _, _, t in found]))
+            images = raw[start : start + READ_BATCH]["image"]
+            step = -(-len(images) // workers)
+            found = list(pool.map(image_signatures, [images[i : i + step] for i in range(0, len(images), step)]))
+            hashes += [h for part in found for h in part[0]]
+            paths += [path for part in found for path in part[1]]
+            thumbs.write(start, np.concatenate([part[2] for part in found]))
     return Signatures(hashes, paths, thumbs)
-
-
-def thumbnail(image: Image.Image) -> np.ndarray:
-    """The centre square as 32x32 grayscale, mean removed, unit norm (flat images: all zeros)."""
-    gray = image.convert("L")
-    w, h = gray.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    small = gray.crop((left, top, left + side, top + side)).resize((THUMB, THUMB), Image.BILINEAR)
-    a = np.asarray(small, dtype=np.float32).ravel()
-    a -= a.mean()
-    norm = float(np.linalg.norm(a))
-    return a / norm if norm > 0 else a
 
 
 def search_mode(index: str, references: int) -> str:
@@ -242,10 +296,19 @@ def similar_pairs(
 def block_means(thumbs: np.ndarray) -> np.ndarray:
     """Thumbnails projected onto their ``INDEX_GRID`` x ``INDEX_GRID`` block averages, in an orthonormal basis (each
     block's sum over its side): an orthogonal projection, so no distance grows, and most of a thumbnail's energy
-    is in its coarse structure (about 75 % on the scale benchmark's images)."""
+    is in its coarse structure (about 75 % on the scale benchmark's images). One matrix product (a strided sum
+    over the blocks costs 4x more)."""
+    return np.ascontiguousarray(thumbs @ block_basis(), dtype=np.float32)
+
+
+@functools.cache
+def block_basis() -> np.ndarray:
+    """``[THUMB*THUMB, INDEX_GRID**2]``: pixel ``(y, x)`` weighs ``1 / side`` in its block's column."""
     side = THUMB // INDEX_GRID
-    blocks = thumbs.reshape(-1, INDEX_GRID, side, INDEX_GRID, side).sum(axis=(2, 4)) / side
-    return np.ascontiguousarray(blocks.reshape(len(thumbs), INDEX_GRID * INDEX_GRID), dtype=np.float32)
+    y, x = np.divmod(np.arange(THUMB * THUMB), THUMB)
+    basis = np.zeros((THUMB * THUMB, INDEX_GRID * INDEX_GRID), dtype=np.float32)
+    basis[np.arange(THUMB * THUMB), (y // side) * INDEX_GRID + x // side] = 1.0 / side
+    return basis
 
 
 def indexed_pairs(queries: ThumbnailRows, references: ThumbnailRows, threshold: float) -> list[tuple[int, int, float]]:
@@ -305,14 +368,17 @@ def duplicate_groups(split: Dataset, threshold: float = DEFAULT_THRESHOLD, index
 
 
 def find_leakage(
-    splits: Mapping[str, Dataset], threshold: float = DEFAULT_THRESHOLD, index: str = "auto"
+    splits: Mapping[str, Dataset],
+    threshold: float = DEFAULT_THRESHOLD,
+    index: str = "auto",
+    sign: Callable[[Dataset], Signatures] = signatures,
 ) -> LeakageReport:
     """Exact and near duplicates for every check in ``CHECKS`` whose splits exist (near ones searched as ``index``
-    says: ``auto``, ``dense`` or ``faiss``)."""
+    says: ``auto``, ``dense`` or ``faiss``; each split's signatures made by ``sign``)."""
     if not 0.0 < threshold <= 1.0:
         raise ConfigError(f"data.leakage.threshold={threshold} must be in (0, 1] (default {DEFAULT_THRESHOLD}).")
     search_mode(index, 0)  # a bad setting fails before any image is read
-    found = {name: signatures(ds) for name, ds in splits.items()}
+    found = {name: sign(ds) for name, ds in splits.items()}
     hashes = {name: f.hashes for name, f in found.items()}
     paths = {name: f.paths for name, f in found.items()}
     thumbs = {name: f.thumbs for name, f in found.items()}
