@@ -14,7 +14,7 @@ from PIL import Image
 
 from fmtransfer.bench.scale import pil_thumbnail
 from fmtransfer.cli.config import compose_config
-from fmtransfer.data import prepare_data
+from fmtransfer.data import leakage, prepare_data
 from fmtransfer.data.leakage import DEFAULT_THRESHOLD, image_signatures
 from fmtransfer.regimes import run_regime
 
@@ -147,9 +147,10 @@ def test_the_faiss_index_finds_the_pairs_the_dense_search_finds():
         search_mode("fast", 10)
 
 
-def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes():
+def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes(monkeypatch):
     """Smooth seeded pictures of odd sizes as RGB, grayscale and CMYK JPEGs (decoded by libjpeg) and RGBA and
-    palette PNGs (by PIL): each thumbnail correlates >= 0.999 with PIL's; a flat image's is all zeros."""
+    palette PNGs (by PIL): each thumbnail correlates >= 0.999 with PIL's; a flat image's is all zeros; resizing
+    fewer images at a time changes nothing."""
     rng = np.random.default_rng(0)
     encoded = []
     for k, kind in enumerate(["RGB", "L", "CMYK", "RGBA", "P"] * 2):
@@ -165,3 +166,5 @@ def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes():
     reference = np.stack([pil_thumbnail(Image.open(io.BytesIO(data))) for data in encoded])
     assert (np.einsum("ij,ij->i", thumbs[:-1], reference) >= 0.999).all()
     assert not thumbs[-1].any()
+    monkeypatch.setattr(leakage, "RESIZE_PIXELS", 10_000)  # resized a few images at a time: the same thumbnails
+    assert np.array_equal(image_signatures([{"bytes": data, "path": None} for data in encoded])[2], thumbs[:-1])

@@ -10,7 +10,7 @@ distinct photos of the same texture class reach 0.986, so no pre-logits threshol
 >= 0.998 for such copies and <= 0.977 (textures) / 0.815 (hymenoptera) for distinct same-class photos.
 
 Each image is read once (hashed and decoded from the same bytes), in parallel threads, a batch of rows at a time;
-JPEGs are decoded straight to grayscale by libjpeg (torchvision), and thumbnails of one size resized together.
+JPEGs are decoded straight to grayscale by libjpeg (torchvision), and thumbnails of one size are resized together.
 Pairs are searched either densely, block by block (``BLOCK`` query rows against all reference rows: memory grows
 with ``BLOCK x references``, time with ``queries x references``), or, for large splits, through a FAISS index
 (``faiss-cpu``, an optional extra): thumbnails projected onto their 8 x 8 block averages (an orthogonal projection
@@ -48,7 +48,7 @@ from fmtransfer.errors import ConfigError
 THUMB = 32
 BLOCK = 2048
 READ_BATCH = 512  # rows read and decoded at a time (memory bounded by this, not by the split)
-RESIZE_PIXELS = 1 << 22  # input pixels resized in one call (a batch of 4-megapixel photos: one at a time)
+RESIZE_PIXELS = 1 << 22  # decoded pixels a thread holds before it resizes them (4-megapixel photos: one at a time)
 INDEX_GRID = 8  # the FAISS index holds each thumbnail's 8 x 8 block averages (64 dimensions)
 INDEX_PROBES = 16  # inverted lists searched per query
 INDEX_TRAIN_ITERATIONS = 10  # k-means iterations of the index's lists (FAISS's default, 25, costs more than it buys)
@@ -169,26 +169,10 @@ class Signatures:
     thumbs: ThumbnailRows
 
 
-def decode_grays(encoded: list[bytes]) -> list[torch.Tensor]:
-    """Encoded images as ``[H, W]`` uint8 luma. JPEGs: libjpeg's grayscale output (their Y channel), decoded by
-    torchvision in one call per list that releases the GIL (threads decode in parallel); anything else, or a JPEG
-    libjpeg refuses, through PIL's ``convert("L")`` (the same luma weights)."""
-    out: list[torch.Tensor | None] = [None] * len(encoded)
-    jpegs = [i for i, data in enumerate(encoded) if data[:3] == JPEG_MAGIC]
-    try:
-        tensors = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
-        for i, gray in zip(jpegs, decode_jpeg(tensors, mode=ImageReadMode.GRAY) if jpegs else [], strict=True):
-            out[i] = gray[0]
-    except RuntimeError:  # one image of the list is refused: each on its own below
-        pass
-    for i, gray in enumerate(out):
-        if gray is None:
-            out[i] = decode_gray(encoded[i])
-    return out
-
-
 def decode_gray(data: bytes) -> torch.Tensor:
-    """One encoded image as ``[H, W]`` uint8 luma (``decode_grays``)."""
+    """An encoded image as ``[H, W]`` uint8 luma. A JPEG: libjpeg's grayscale output (its Y channel), decoded by
+    torchvision in a call that releases the GIL, so threads decode in parallel (PIL holds it for the Python around
+    each image); anything else, or a JPEG libjpeg refuses, through PIL's ``convert("L")`` (the same luma weights)."""
     if data[:3] == JPEG_MAGIC:
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)[0]
@@ -200,8 +184,8 @@ def decode_gray(data: bytes) -> torch.Tensor:
 
 def thumbnails(grays: list[torch.Tensor]) -> np.ndarray:
     """``[n, THUMB*THUMB]``: each image's centre square resized to ``THUMB`` x ``THUMB`` (antialiased bilinear on
-    uint8 levels, as PIL's ``BILINEAR`` resize), mean removed, unit norm (flat images: all
-    zeros). Squares of one side are resized together, at most ``RESIZE_PIXELS`` input pixels a call."""
+    uint8 levels, as PIL's ``BILINEAR`` resize), mean removed, unit norm (flat images: all zeros). Squares of one
+    side are resized together, at most ``RESIZE_PIXELS`` input pixels a call."""
     out = torch.zeros(len(grays), THUMB * THUMB)
     by_side: dict[int, list[int]] = {}
     for i, gray in enumerate(grays):
@@ -229,10 +213,19 @@ def centre_square(gray: torch.Tensor) -> torch.Tensor:
 
 def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
     """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; their hashes, paths
-    ("" for images stored as bytes) and thumbnails."""
-    encoded = [encoded_bytes(image) for image in images]
-    hashes = [hashlib.blake2b(data, digest_size=16).hexdigest() for data in encoded]
-    return hashes, [image.get("path") or "" for image in images], thumbnails(decode_grays(encoded))
+    ("" for images stored as bytes) and thumbnails. Decoded images wait for their resize until ``RESIZE_PIXELS``
+    pixels have gathered (memory bounded by that, not by the number or size of the images)."""
+    hashes, parts, pending, pixels = [], [], [], 0
+    for image in images:
+        data = encoded_bytes(image)
+        hashes.append(hashlib.blake2b(data, digest_size=16).hexdigest())
+        pending.append(decode_gray(data))
+        pixels += pending[-1].numel()
+        if pixels >= RESIZE_PIXELS:
+            parts.append(thumbnails(pending))
+            pending, pixels = [], 0
+    parts.append(thumbnails(pending))
+    return hashes, [image.get("path") or "" for image in images], np.concatenate(parts)
 
 
 def signatures(split: Dataset, workers: int | None = None) -> Signatures:
