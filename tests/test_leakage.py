@@ -149,8 +149,8 @@ def test_the_faiss_index_finds_the_pairs_the_dense_search_finds():
 
 def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes(monkeypatch):
     """Smooth seeded pictures of odd sizes as RGB, grayscale and CMYK JPEGs (decoded by libjpeg) and RGBA and
-    palette PNGs (by PIL): each thumbnail correlates >= 0.999 with PIL's; a flat image's is all zeros; resizing
-    fewer images at a time changes nothing."""
+    palette PNGs (by PIL): each thumbnail correlates >= 0.999 with PIL's; a flat image's is all zeros; decoding and
+    resizing fewer images at a time changes nothing."""
     rng = np.random.default_rng(0)
     encoded = []
     for k, kind in enumerate(["RGB", "L", "CMYK", "RGBA", "P"] * 2):
@@ -166,5 +166,6 @@ def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes(monkeypa
     reference = np.stack([pil_thumbnail(Image.open(io.BytesIO(data))) for data in encoded])
     assert (np.einsum("ij,ij->i", thumbs[:-1], reference) >= 0.999).all()
     assert not thumbs[-1].any()
-    monkeypatch.setattr(leakage, "RESIZE_PIXELS", 10_000)  # resized a few images at a time: the same thumbnails
+    monkeypatch.setattr(leakage, "DECODE_BYTES", 3_000)  # decoded and resized a few images at a time
+    monkeypatch.setattr(leakage, "RESIZE_PIXELS", 10_000)
     assert np.array_equal(image_signatures([{"bytes": data, "path": None} for data in encoded])[2], thumbs[:-1])

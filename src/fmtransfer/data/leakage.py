@@ -48,6 +48,7 @@ from fmtransfer.errors import ConfigError
 THUMB = 32
 BLOCK = 2048
 READ_BATCH = 512  # rows read and decoded at a time (memory bounded by this, not by the split)
+DECODE_BYTES = 1 << 20  # encoded bytes a thread decodes in one call
 RESIZE_PIXELS = 1 << 22  # decoded pixels a thread holds before it resizes them (4-megapixel photos: one at a time)
 INDEX_GRID = 8  # the FAISS index holds each thumbnail's 8 x 8 block averages (64 dimensions)
 INDEX_PROBES = 16  # inverted lists searched per query
@@ -169,17 +170,25 @@ class Signatures:
     thumbs: ThumbnailRows
 
 
-def decode_gray(data: bytes) -> torch.Tensor:
-    """An encoded image as ``[H, W]`` uint8 luma. A JPEG: libjpeg's grayscale output (its Y channel), decoded by
-    torchvision in a call that releases the GIL, so threads decode in parallel (PIL holds it for the Python around
-    each image); anything else, or a JPEG libjpeg refuses, through PIL's ``convert("L")`` (the same luma weights)."""
-    if data[:3] == JPEG_MAGIC:
+def decode_grays(encoded: list[bytes]) -> list[torch.Tensor]:
+    """Encoded images as ``[H, W]`` uint8 luma. JPEGs: libjpeg's grayscale output (their Y channel), decoded by
+    torchvision in one call per list, which releases the GIL for the whole list (threads decode in parallel; PIL
+    holds it for the Python around each image, and a call per image hands it back and forth); anything else, or a
+    JPEG libjpeg refuses, through PIL's ``convert("L")`` (the same luma weights)."""
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, data in enumerate(encoded) if data[:3] == JPEG_MAGIC]
+    if jpegs:
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)[0]
-        except RuntimeError:
+            tensors = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
+            for i, gray in zip(jpegs, decode_jpeg(tensors, mode=ImageReadMode.GRAY), strict=True):
+                out[i] = gray[0]
+        except RuntimeError:  # an image of the list is refused: every one through PIL
             pass
-    with Image.open(io.BytesIO(data)) as image:
-        return torch.from_numpy(np.array(image.convert("L")))
+    for i, gray in enumerate(out):
+        if gray is None:
+            with Image.open(io.BytesIO(encoded[i])) as image:
+                out[i] = torch.from_numpy(np.array(image.convert("L")))
+    return out
 
 
 def thumbnails(grays: list[torch.Tensor]) -> np.ndarray:
@@ -213,18 +222,26 @@ def centre_square(gray: torch.Tensor) -> torch.Tensor:
 
 def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
     """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; their hashes, paths
-    ("" for images stored as bytes) and thumbnails. Decoded images wait for their resize until ``RESIZE_PIXELS``
-    pixels have gathered (memory bounded by that, not by the number or size of the images)."""
-    hashes, parts, pending, pixels = [], [], [], 0
-    for image in images:
+    ("" for images stored as bytes) and thumbnails. Images are decoded ``DECODE_BYTES`` of files at a time and
+    resized once ``RESIZE_PIXELS`` decoded pixels have gathered: memory is bounded by those, not by the number or
+    the size of the images."""
+    hashes, parts, encoded, decoded = [], [], [], []
+    encoded_size = decoded_size = 0
+    for k, image in enumerate(images):
         data = encoded_bytes(image)
         hashes.append(hashlib.blake2b(data, digest_size=16).hexdigest())
-        pending.append(decode_gray(data))
-        pixels += pending[-1].numel()
-        if pixels >= RESIZE_PIXELS:
-            parts.append(thumbnails(pending))
-            pending, pixels = [], 0
-    parts.append(thumbnails(pending))
+        encoded.append(data)
+        encoded_size += len(data)
+        last = k == len(images) - 1
+        if last or encoded_size >= DECODE_BYTES:
+            grays = decode_grays(encoded)
+            decoded += grays
+            decoded_size += sum(gray.numel() for gray in grays)
+            encoded, encoded_size = [], 0
+        if last or decoded_size >= RESIZE_PIXELS:
+            parts.append(thumbnails(decoded))
+            decoded, decoded_size = [], 0
+    parts.append(thumbnails(decoded))
     return hashes, [image.get("path") or "" for image in images], np.concatenate(parts)
 
 
