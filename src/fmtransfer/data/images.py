@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +15,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of every JPEG file
+READ_BATCH = 512  # rows of undecoded images read at a time (memory bounded by this, not by the split)
+T = TypeVar("T")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -75,6 +79,23 @@ def encoded_bytes(image: dict) -> bytes:
         return image["bytes"]
     with open(image["path"], "rb") as f:  # not Path.read_bytes: its path parsing costs more than a small file's read
         return f.read()
+
+
+def map_undecoded(
+    split: Dataset, fn: Callable[[list[dict]], list[T]], workers: int | None = None
+) -> Iterator[tuple[int, list[T]]]:
+    """``fn`` over the undecoded images (``{"bytes", "path"}``) of ``split``, ``READ_BATCH`` rows read at a time, each
+    batch cut into one contiguous chunk per thread (``workers``, default: the CPUs this process may use; a task per
+    image would cost more than a small image's decode). Yields each batch's first row and ``fn``'s results, in order.
+    """
+    raw = split.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    workers = workers or len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(raw), READ_BATCH):
+            images = raw[start : start + READ_BATCH]["image"]
+            step = -(-len(images) // workers)
+            parts = pool.map(fn, [images[i : i + step] for i in range(0, len(images), step)])
+            yield start, [result for part in parts for result in part]
 
 
 def all_jpeg(split: Dataset) -> bool:

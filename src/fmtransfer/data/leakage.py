@@ -30,7 +30,6 @@ import io
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,16 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from datasets import Image as ImageFeature
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fmtransfer.data.images import JPEG_MAGIC, encoded_bytes
+from fmtransfer.data.images import JPEG_MAGIC, encoded_bytes, map_undecoded
 from fmtransfer.errors import ConfigError
 
 THUMB = 32
 BLOCK = 2048
-READ_BATCH = 512  # rows read and decoded at a time (memory bounded by this, not by the split)
 DECODE_BYTES = 1 << 20  # encoded bytes a thread decodes in one call
 RESIZE_PIXELS = 1 << 22  # decoded pixels a thread holds before it resizes them (4-megapixel photos: one at a time)
 INDEX_GRID = 8  # the FAISS index holds each thumbnail's 8 x 8 block averages (64 dimensions)
@@ -220,9 +217,9 @@ def centre_square(gray: torch.Tensor) -> torch.Tensor:
     return gray[top : top + side, left : left + side]
 
 
-def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
-    """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; their hashes, paths
-    ("" for images stored as bytes) and thumbnails. Images are decoded ``DECODE_BYTES`` of files at a time and
+def image_signatures(images: list[dict]) -> list[tuple[str, str, np.ndarray]]:
+    """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; each one's hash, path
+    ("" for images stored as bytes) and thumbnail. Images are decoded ``DECODE_BYTES`` of files at a time and
     resized once ``RESIZE_PIXELS`` decoded pixels have gathered: memory is bounded by those, not by the number or
     the size of the images."""
     hashes, parts, encoded, decoded = [], [], [], []
@@ -241,28 +238,21 @@ def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarr
         if last or decoded_size >= RESIZE_PIXELS:
             parts.append(thumbnails(decoded))
             decoded, decoded_size = [], 0
-    parts.append(thumbnails(decoded))
-    return hashes, [image.get("path") or "" for image in images], np.concatenate(parts)
+    thumbs = np.concatenate([*parts, thumbnails(decoded)])
+    return [(h, image.get("path") or "", t) for h, image, t in zip(hashes, images, thumbs, strict=True)]
 
 
 def signatures(split: Dataset, workers: int | None = None) -> Signatures:
-    """Every image's hash, path and thumbnail, read ``READ_BATCH`` rows at a time, each batch shared among
-    ``workers`` threads (default: the CPUs this process may use); thumbnails of splits past
-    ``INDEX_MIN_REFERENCES`` go to a file."""
-    raw = split.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    """Every image's hash, path and thumbnail (``image_signatures`` in threads, ``map_undecoded``); thumbnails of
+    splits past ``INDEX_MIN_REFERENCES`` go to a file."""
     n = len(split)
     in_memory = np.zeros((n, THUMB * THUMB), dtype=np.float32) if n < INDEX_MIN_REFERENCES else None
     thumbs = ThumbnailRows(n, in_memory)
     hashes, paths = [], []
-    workers = workers or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, n, READ_BATCH):
-            images = raw[start : start + READ_BATCH]["image"]
-            step = -(-len(images) // workers)
-            found = list(pool.map(image_signatures, [images[i : i + step] for i in range(0, len(images), step)]))
-            hashes += [h for part in found for h in part[0]]
-            paths += [path for part in found for path in part[1]]
-            thumbs.write(start, np.concatenate([part[2] for part in found]))
+    for start, found in map_undecoded(split, image_signatures, workers):
+        hashes += [h for h, _, _ in found]
+        paths += [path for _, path, _ in found]
+        thumbs.write(start, np.stack([t for _, _, t in found]))
     return Signatures(hashes, paths, thumbs)
 
 

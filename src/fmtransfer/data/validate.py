@@ -9,10 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
-from datasets import Image as ImageFeature
 from PIL import Image
 
-from fmtransfer.data.images import label_array, split_fingerprint, to_rgb
+from fmtransfer.data.images import label_array, map_undecoded, split_fingerprint, to_rgb
 from fmtransfer.errors import DataError
 
 MAX_LISTED = 20
@@ -50,17 +49,23 @@ def check_image(record: dict) -> str | None:
     return None
 
 
+def check_images(records: list[dict]) -> list[tuple[str | None, str | None]]:
+    """Each record's path and ``check_image`` reason."""
+    return [(record.get("path"), check_image(record)) for record in records]
+
+
 def scan_split(name: str, split: Dataset, memo_dir: Path | None = None) -> list[BadImage]:
-    """Decode every image of ``split`` once; the result is remembered (by the split's content fingerprint)."""
+    """Decode every image of ``split`` once (in threads: PIL releases the GIL while it decodes); the result is
+    remembered (by the split's content fingerprint)."""
     memo = memo_dir / f"{split_fingerprint(split)}.json" if memo_dir is not None else None
     if memo is not None and memo.is_file():
         return [BadImage(**b) for b in json.loads(memo.read_text())]
-    raw = split.cast_column("image", ImageFeature(decode=False))
-    bad = []
-    for index, record in enumerate(raw["image"]):
-        reason = check_image(record)
-        if reason is not None:
-            bad.append(BadImage(name, index, record.get("path") or f"{name}[{index}]", reason))
+    bad = [
+        BadImage(name, start + k, path or f"{name}[{start + k}]", reason)
+        for start, found in map_undecoded(split, check_images)
+        for k, (path, reason) in enumerate(found)
+        if reason is not None
+    ]
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".tmp{os.getpid()}")
