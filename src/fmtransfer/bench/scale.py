@@ -197,10 +197,10 @@ def reference_signatures(split: Dataset) -> Signatures:
     """The leakage check's signatures as it made them before it was built for scale (code 9c980e7), the reference
     the scale issue measures against: every file read twice (for its hash, then decoded by Hugging Face datasets),
     one image at a time, each thumbnail made by PIL."""
-    raw = split.cast_column("image", ImageFeature(decode=False))
-    hashes = [hashlib.blake2b(encoded_bytes(image), digest_size=16).hexdigest() for image in raw["image"]]
+    undecoded = split.cast_column("image", ImageFeature(decode=False))["image"]
+    hashes = [hashlib.blake2b(encoded_bytes(image), digest_size=16).hexdigest() for image in undecoded]
     thumbs = [pil_thumbnail(image) for image in split["image"]]
-    return Signatures(hashes, [image.get("path") or "" for image in raw["image"]], ThumbnailRows.of(np.stack(thumbs)))
+    return Signatures(hashes, [image.get("path") or "" for image in undecoded], ThumbnailRows.of(np.stack(thumbs)))
 
 
 def pil_thumbnail(image: Image.Image) -> np.ndarray:
