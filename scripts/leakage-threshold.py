@@ -29,7 +29,7 @@ def near_copy(image: Image.Image) -> bytes:
 
 def thumbnails(encoded: list[bytes]) -> np.ndarray:
     """The check's own thumbnails (``image_signatures``: decoded as the check decodes them)."""
-    return np.stack([thumb for *_, thumb in image_signatures([{"bytes": data, "path": None} for data in encoded])])
+    return image_signatures([{"bytes": data, "path": None} for data in encoded])[2]
 
 
 def pre_logits(images: list[Image.Image]) -> np.ndarray:

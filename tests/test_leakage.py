@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from PIL import Image
 
 from fmtransfer.bench.scale import pil_thumbnail
 from fmtransfer.cli.config import compose_config
-from fmtransfer.data import leakage, prepare_data
+from fmtransfer.data import images, leakage, prepare_data
 from fmtransfer.data.leakage import DEFAULT_THRESHOLD, image_signatures
+from fmtransfer.data.sources import load_image_folder
+from fmtransfer.data.validate import scan_split
 from fmtransfer.regimes import run_regime
 
 from .conftest import shared_dataset
@@ -31,7 +34,7 @@ def _resized_jpeg(path: Path) -> bytes:
 
 
 def _thumbnails(encoded: list[bytes]) -> np.ndarray:
-    return np.stack([thumb for *_, thumb in image_signatures([{"bytes": data, "path": None} for data in encoded])])
+    return image_signatures([{"bytes": data, "path": None} for data in encoded])[2]
 
 
 def test_the_near_duplicate_threshold_separates_copies_from_distinct_photos():
@@ -169,3 +172,29 @@ def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes(monkeypa
     monkeypatch.setattr(leakage, "DECODE_BYTES", 3_000)  # decoded and resized a few images at a time
     monkeypatch.setattr(leakage, "RESIZE_PIXELS", 10_000)
     assert np.array_equal(_thumbnails(encoded), thumbs[:-1])
+
+
+def test_forked_workers_scan_and_sign_a_split_as_threads_do(tmp_path, monkeypatch):
+    """Large splits are scanned and signed in forked processes: on hymenoptera's training images plus a truncated
+    JPEG, read a few rows at a time so several batches are in flight, the processes report the same bad image and
+    the same hashes, paths and thumbnails as threads."""
+    source = shared_dataset("hymenoptera") / "train"
+    shutil.copytree(source, tmp_path / "train")
+    whole = next((tmp_path / "train" / "ants").glob("*.jpg")).read_bytes()
+    (tmp_path / "train" / "ants" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    split = load_image_folder(str(tmp_path / "train"))["train"]
+    monkeypatch.setattr(images, "READ_BATCH", 32)
+
+    def scanned_and_signed(min_rows: int):
+        monkeypatch.setattr(images, "PROCESS_MIN_ROWS", min_rows)
+        with images.undecoded_workers(2, len(split)) as pool:
+            assert isinstance(pool, ProcessPoolExecutor) == (min_rows == 0)
+        bad = scan_split("train", split)
+        found = leakage.signatures(split.select(sorted(set(range(len(split))) - {b.index for b in bad})), workers=2)
+        return bad, found.hashes, found.paths, found.thumbs.read()
+
+    bad, *signed = scanned_and_signed(0)
+    assert [Path(b.file).name for b in bad] == ["cut.jpg"] and "truncated" in bad[0].reason
+    expected_bad, *expected = scanned_and_signed(10**9)
+    assert bad == expected_bad and signed[:2] == expected[:2] and np.array_equal(signed[2], expected[2])
+    assert len(signed[0]) == len(split) - 1 and len(set(signed[0])) == len(signed[0])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+import sys
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -16,6 +19,10 @@ from PIL import Image
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of every JPEG file
 READ_BATCH = 512  # rows of undecoded images read at a time (memory bounded by this, not by the split)
+BATCHES_IN_FLIGHT = 2  # batches handed to the workers ahead of the one being collected
+# Splits this long are mapped in forked processes: PIL and the Python around each image hold the GIL, so threads
+# scale only as far as the decoder releases it; starting the processes costs more than a split of 2,048 small JPEGs.
+PROCESS_MIN_ROWS = 4_096
 T = TypeVar("T")
 
 
@@ -81,21 +88,40 @@ def encoded_bytes(image: dict) -> bytes:
         return f.read()
 
 
-def map_undecoded(
-    split: Dataset, fn: Callable[[list[dict]], list[T]], workers: int | None = None
-) -> Iterator[tuple[int, list[T]]]:
+def map_undecoded(split: Dataset, fn: Callable[[list[dict]], T], workers: int | None = None) -> Iterator[tuple[int, T]]:
     """``fn`` over the undecoded images (``{"bytes", "path"}``) of ``split``, ``READ_BATCH`` rows read at a time, each
-    batch cut into one contiguous chunk per thread (``workers``, default: the CPUs this process may use; a task per
-    image would cost more than a small image's decode). Yields each batch's first row and ``fn``'s results, in order.
-    """
+    batch cut into one contiguous chunk per worker (``workers``, default: the CPUs this process may use; a task per
+    image would cost more than a small image's decode). Workers are forked processes for splits of
+    ``PROCESS_MIN_ROWS`` or more where the OS forks (Linux), threads otherwise; ``fn`` must then be a module-level
+    function, and is best returning arrays rather than an object per image (its result is pickled back). Yields
+    each chunk's first row and ``fn``'s result for it, in order; ``BATCHES_IN_FLIGHT`` batches are read ahead while
+    the workers run."""
     raw = split.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
     workers = workers or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(workers) as pool:
+    pending: deque[list[tuple[int, Future]]] = deque()
+    with undecoded_workers(workers, len(raw)) as pool:
         for start in range(0, len(raw), READ_BATCH):
             images = raw[start : start + READ_BATCH]["image"]
             step = -(-len(images) // workers)
-            parts = pool.map(fn, [images[i : i + step] for i in range(0, len(images), step)])
-            yield start, [result for part in parts for result in part]
+            pending.append([(start + i, pool.submit(fn, images[i : i + step])) for i in range(0, len(images), step)])
+            if len(pending) > BATCHES_IN_FLIGHT:
+                yield from ((first, part.result()) for first, part in pending.popleft())
+        while pending:
+            yield from ((first, part.result()) for first, part in pending.popleft())
+
+
+def undecoded_workers(workers: int, rows: int) -> Executor:
+    """``map_undecoded``'s pool: forked processes (each single-threaded in torch) or threads (also inside a daemonic
+    process, such as a DataLoader worker, which may not have children)."""
+    forks = sys.platform.startswith("linux") and not multiprocessing.current_process().daemon
+    if workers > 1 and rows >= PROCESS_MIN_ROWS and forks:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
+    return ThreadPoolExecutor(workers)
+
+
+def one_thread() -> None:
+    """A forked worker runs one torch thread: the workers are the parallelism (as in torch's DataLoader workers)."""
+    torch.set_num_threads(1)
 
 
 def all_jpeg(split: Dataset) -> bool:

@@ -217,11 +217,11 @@ def centre_square(gray: torch.Tensor) -> torch.Tensor:
     return gray[top : top + side, left : left + side]
 
 
-def image_signatures(images: list[dict]) -> list[tuple[str, str, np.ndarray]]:
-    """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; each one's hash, path
-    ("" for images stored as bytes) and thumbnail. Images are decoded ``DECODE_BYTES`` of files at a time and
-    resized once ``RESIZE_PIXELS`` decoded pixels have gathered: memory is bounded by those, not by the number or
-    the size of the images."""
+def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
+    """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; their hashes, paths
+    ("" for images stored as bytes) and thumbnails (``[n, THUMB*THUMB]``). Images are decoded ``DECODE_BYTES`` of
+    files at a time and resized once ``RESIZE_PIXELS`` decoded pixels have gathered: memory is bounded by those, not
+    by the number or the size of the images."""
     hashes, parts, encoded, decoded = [], [], [], []
     encoded_size = decoded_size = 0
     for k, image in enumerate(images):
@@ -238,21 +238,20 @@ def image_signatures(images: list[dict]) -> list[tuple[str, str, np.ndarray]]:
         if last or decoded_size >= RESIZE_PIXELS:
             parts.append(thumbnails(decoded))
             decoded, decoded_size = [], 0
-    thumbs = np.concatenate([*parts, thumbnails(decoded)])
-    return [(h, image.get("path") or "", t) for h, image, t in zip(hashes, images, thumbs, strict=True)]
+    return hashes, [image.get("path") or "" for image in images], np.concatenate([*parts, thumbnails(decoded)])
 
 
 def signatures(split: Dataset, workers: int | None = None) -> Signatures:
-    """Every image's hash, path and thumbnail (``image_signatures`` in threads, ``map_undecoded``); thumbnails of
+    """Every image's hash, path and thumbnail (``image_signatures`` in parallel, ``map_undecoded``); thumbnails of
     splits past ``INDEX_MIN_REFERENCES`` go to a file."""
     n = len(split)
     in_memory = np.zeros((n, THUMB * THUMB), dtype=np.float32) if n < INDEX_MIN_REFERENCES else None
     thumbs = ThumbnailRows(n, in_memory)
     hashes, paths = [], []
-    for start, found in map_undecoded(split, image_signatures, workers):
-        hashes += [h for h, _, _ in found]
-        paths += [path for _, path, _ in found]
-        thumbs.write(start, np.stack([t for _, _, t in found]))
+    for start, (chunk_hashes, chunk_paths, rows) in map_undecoded(split, image_signatures, workers):
+        hashes += chunk_hashes
+        paths += chunk_paths
+        thumbs.write(start, rows)
     return Signatures(hashes, paths, thumbs)
 
 

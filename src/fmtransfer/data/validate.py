@@ -55,8 +55,8 @@ def check_images(records: list[dict]) -> list[tuple[str | None, str | None]]:
 
 
 def scan_split(name: str, split: Dataset, memo_dir: Path | None = None) -> list[BadImage]:
-    """Decode every image of ``split`` once (in threads: PIL releases the GIL while it decodes); the result is
-    remembered (by the split's content fingerprint)."""
+    """Decode every image of ``split`` once, in parallel (``map_undecoded``); the result is remembered (by the
+    split's content fingerprint)."""
     memo = memo_dir / f"{split_fingerprint(split)}.json" if memo_dir is not None else None
     if memo is not None and memo.is_file():
         return [BadImage(**b) for b in json.loads(memo.read_text())]
