@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -198,3 +199,27 @@ def test_forked_workers_scan_and_sign_a_split_as_threads_do(tmp_path, monkeypatc
     expected_bad, *expected = scanned_and_signed(10**9)
     assert bad == expected_bad and signed[:2] == expected[:2] and np.array_equal(signed[2], expected[2])
     assert len(signed[0]) == len(split) - 1 and len(set(signed[0])) == len(signed[0])
+
+
+def worker_pid(records: list[dict]) -> int:
+    return os.getpid()
+
+
+def test_maps_inside_shared_workers_run_in_one_pool_and_files_read_whole(tmp_path, monkeypatch):
+    """A data setup scans and signs several splits with one pool: every map inside ``shared_workers`` runs in the
+    same two forked processes (none started before the first map); ``read_file`` returns a file's bytes whole,
+    empty or larger than one read."""
+    split = load_image_folder(str(shared_dataset("hymenoptera") / "val"))["train"]
+    monkeypatch.setattr(images, "PROCESS_MIN_ROWS", 0)
+    monkeypatch.setattr(images, "READ_BATCH", 16)
+    with images.shared_workers(len(split), workers=2):
+        pool = images.SHARED_POOL.get()
+        assert isinstance(pool, ProcessPoolExecutor) and not pool._processes
+        first = {pid for _, pid in images.map_undecoded(split, worker_pid, workers=2)}
+        second = {pid for _, pid in images.map_undecoded(split.select(range(40)), worker_pid, workers=2)}
+        assert images.SHARED_POOL.get() is pool and len(pool._processes) == 2
+        assert first | second <= set(pool._processes) and os.getpid() not in first
+    assert images.SHARED_POOL.get() is None
+    for size in (0, 1, 3 << 20):
+        (tmp_path / f"{size}.bin").write_bytes(data := os.urandom(size))
+        assert images.read_file(str(tmp_path / f"{size}.bin")) == data

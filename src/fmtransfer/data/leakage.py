@@ -40,7 +40,7 @@ from datasets import Dataset
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fmtransfer.data.images import JPEG_MAGIC, encoded_bytes, map_undecoded
+from fmtransfer.data.images import JPEG_MAGIC, encoded_bytes, map_undecoded, shared_workers
 from fmtransfer.errors import ConfigError
 
 THUMB = 32
@@ -50,6 +50,7 @@ RESIZE_PIXELS = 1 << 22  # decoded pixels a thread holds before it resizes them 
 INDEX_GRID = 8  # the FAISS index holds each thumbnail's 8 x 8 block averages (64 dimensions)
 INDEX_PROBES = 16  # inverted lists searched per query
 INDEX_TRAIN_ITERATIONS = 10  # k-means iterations of the index's lists (FAISS's default, 25, costs more than it buys)
+INDEX_TRAIN_PER_LIST = 64  # k-means points per list (FAISS warns below 39; its default sample, 256, costs 4x more)
 INDEX_MIN_REFERENCES = 10_000  # index=auto: below this the dense search is fast enough and exact
 INDEX_MODES = ("auto", "dense", "faiss")
 DEFAULT_THRESHOLD = 0.99
@@ -310,6 +311,14 @@ def block_basis() -> np.ndarray:
     return basis
 
 
+def index_lists(references: int) -> int:
+    """Inverted lists for an index of ``references`` rows: 2 sqrt(n), at most one per 39 rows (FAISS's minimum of
+    training points per list). Training costs about n_train x lists distances (as matrix products), a query
+    ``INDEX_PROBES`` x n / lists (one by one); of sqrt(n), 2 sqrt(n) and 4 sqrt(n) lists this was the fastest on
+    the scale benchmark's 100,000-image self-search and within its noise on its 20,000-image check."""
+    return max(1, min(int(2 * np.sqrt(references)), references // 39))
+
+
 def indexed_pairs(queries: ThumbnailRows, references: ThumbnailRows, threshold: float) -> list[tuple[int, int, float]]:
     """``similar_pairs`` through FAISS: the references' block averages (``block_means``) in an inverted-file index,
     range-searched with the threshold's radius (unit vectors: correlation >= t <=> squared distance <= 2 (1 - t),
@@ -319,10 +328,10 @@ def indexed_pairs(queries: ThumbnailRows, references: ThumbnailRows, threshold: 
     n = len(references)
     dims = INDEX_GRID * INDEX_GRID
     projected = np.concatenate([block_means(references.read(s, s + BLOCK)) for s in range(0, n, BLOCK)])
-    lists = max(1, min(int(4 * np.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
+    lists = index_lists(n)
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dims), dims, lists)
     index.cp.niter = INDEX_TRAIN_ITERATIONS
-    index.train(projected[np.sort(np.random.default_rng(0).permutation(n)[: 256 * lists])])
+    index.train(projected[np.sort(np.random.default_rng(0).permutation(n)[: INDEX_TRAIN_PER_LIST * lists])])
     index.add(projected)
     index.nprobe = min(INDEX_PROBES, lists)
     del projected
@@ -377,7 +386,8 @@ def find_leakage(
     if not 0.0 < threshold <= 1.0:
         raise ConfigError(f"data.leakage.threshold={threshold} must be in (0, 1] (default {DEFAULT_THRESHOLD}).")
     search_mode(index, 0)  # a bad setting fails before any image is read
-    found = {name: sign(ds) for name, ds in splits.items()}
+    with shared_workers(sum(len(ds) for ds in splits.values())):
+        found = {name: sign(ds) for name, ds in splits.items()}
     hashes = {name: f.hashes for name, f in found.items()}
     paths = {name: f.paths for name, f in found.items()}
     thumbs = {name: f.thumbs for name, f in found.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from fmtransfer.data.images import label_array, split_fingerprint
+from fmtransfer.data.images import label_array, shared_workers, split_fingerprint
 from fmtransfer.data.leakage import DEFAULT_THRESHOLD, LeakageReport, duplicate_groups, find_leakage
 from fmtransfer.data.leakage import dedupe as dedupe_splits
 from fmtransfer.data.sources import DataSource, load_image_dataset
@@ -74,32 +74,37 @@ def prepare_data(
     ``leakage_index`` says: auto, dense, faiss); ``dedupe`` drops them.
     """
     dsd, source, notes = load_image_dataset(path, fmt, cache_dir, csv_columns)
-    dsd, skipped = drop_bad_images(dsd, skip_bad, Path(cache_dir) / "image_scans" if cache_dir else None)
-    if skipped:
-        notes.append(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad=true), e.g. {skipped[0].file}")
-    dsd = rename_splits(dsd, rename)
-    splits, split_source = make_splits(dsd, val_fraction, test_fraction, split_seed)
-    check_classes(splits)
-    notes += [f"{k} split {v}" for k, v in split_source.items() if v != "given"]
-    leakage = None
-    if leakage_threshold is not None:
+    with shared_workers(sum(len(split) for split in dsd.values())):  # one pool for every split's scan and check
+        dsd, skipped = drop_bad_images(dsd, skip_bad, Path(cache_dir) / "image_scans" if cache_dir else None)
+        if skipped:
+            notes.append(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad=true), e.g. {skipped[0].file}")
+        dsd = rename_splits(dsd, rename)
+        splits, split_source = make_splits(dsd, val_fraction, test_fraction, split_seed)
+        check_classes(splits)
+        notes += [f"{k} split {v}" for k, v in split_source.items() if v != "given"]
+        leakage = None
+        if leakage_threshold is not None:
+            memo = Path(cache_dir) / "leakage" if cache_dir else None
+            leakage = cached_leakage(splits, leakage_threshold, memo, leakage_index)
+            if leakage.pairs:
+                notes.append(f"warning: {leakage.summary()} (data.dedupe={dedupe})")
+            splits = DatasetDict(dedupe_splits(dict(splits), leakage, dedupe))
+            notes += [f"data.dedupe={dedupe}: dropped {n} {split} image(s)" for split, n in leakage.dropped.items()]
+        if shots_per_class is not None:
+            idx = select_shots(label_array(splits["train"]), shots_per_class, shots_seed)
+            splits["train"] = splits["train"].select(idx)
+            split_source["train"] += f"; {shots_per_class} shots per class (seed {shots_seed})"
+            notes.append(f"train subsampled to {shots_per_class} images per class (seed {shots_seed})")
+        class_names = list(splits["train"].features["label"].names)
+        prepared = PreparedData(
+            splits, source, class_names, split_source, shots_per_class, notes, skipped, leakage=leakage
+        )
+        if cv is None or (cv.fold is None and not cv.refit and not cv.given_validation):
+            return prepared
         memo = Path(cache_dir) / "leakage" if cache_dir else None
-        leakage = cached_leakage(splits, leakage_threshold, memo, leakage_index)
-        if leakage.pairs:
-            notes.append(f"warning: {leakage.summary()} (data.dedupe={dedupe})")
-        splits = DatasetDict(dedupe_splits(dict(splits), leakage, dedupe))
-        notes += [f"data.dedupe={dedupe}: dropped {n} {split} image(s)" for split, n in leakage.dropped.items()]
-    if shots_per_class is not None:
-        idx = select_shots(label_array(splits["train"]), shots_per_class, shots_seed)
-        splits["train"] = splits["train"].select(idx)
-        split_source["train"] += f"; {shots_per_class} shots per class (seed {shots_seed})"
-        notes.append(f"train subsampled to {shots_per_class} images per class (seed {shots_seed})")
-    class_names = list(splits["train"].features["label"].names)
-    prepared = PreparedData(splits, source, class_names, split_source, shots_per_class, notes, skipped, leakage=leakage)
-    if cv is None or (cv.fold is None and not cv.refit and not cv.given_validation):
-        return prepared
-    memo = Path(cache_dir) / "leakage" if cache_dir else None
-    return fold_splits(prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo, leakage_index))
+        return fold_splits(
+            prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo, leakage_index)
+        )
 
 
 def pool_groups(pool, threshold: float | None, memo_dir: Path | None, index: str = "auto") -> np.ndarray | None:
