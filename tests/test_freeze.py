@@ -51,3 +51,24 @@ def test_train_mode_switch_leaves_wrapped_module_in_eval():
     frozen.train()
     assert frozen.training and not frozen.module.training
     assert all(not m.training for m in frozen.module.modules())
+
+
+def test_evaluation_pads_a_batch_to_a_power_of_two_rows_and_keeps_each_rows_logits():
+    """With a backbone in the module, an evaluation batch of 5 runs through it as 8 rows (the compiled kernels of a
+    few shapes serve every fold), and each image's logits are those it gets alone; training batches are not padded."""
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0")
+    backbone = FeatureMapExtractor(model, parse_levels([PRE_LOGITS], describe_levels(model)))
+    module = HeadClassifier(LinearProbeHead({PRE_LOGITS: model.num_features}, 3), 3, features=backbone).eval()
+    rows_seen = []
+    backbone.register_forward_pre_hook(lambda _, args: rows_seen.append(len(args[0])))
+    x, y = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        logits, labels, loss = module._loss((x, y))
+        alone = torch.cat([module(x[i : i + 1]) for i in range(len(x))])
+    assert rows_seen[0] == 8 and logits.shape == (5, 3) and torch.equal(labels, y)
+    torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(alone, y), atol=1e-4, rtol=1e-4)
+    module.train()
+    module._loss((x, y))
+    assert rows_seen[-1] == 5
