@@ -114,8 +114,11 @@ def _run(label: str, cfg: DictConfig, run_dir: Path, deadline: float | None, lon
         metrics = run_regime(cfg, run_dir)
         metrics["_seconds"] = time.perf_counter() - start
     # A run's Trainer, datamodule and model hold each other in reference cycles, with its features or images: freed
-    # now, so the next run (or the report) reuses that memory instead of adding to it.
+    # now, so the next run (or the report) reuses that memory instead of adding to it. What outlives the collection
+    # (imported modules: over 600,000 objects, a 0.3 s scan; the process's memos) is frozen, so the next run's
+    # collection scans only what that run made.
     gc.collect()
+    gc.freeze()
     scored = f"test acc {metrics['test']['acc']:.4f}" if metrics["test"] else f"fold acc {metrics['val']['acc']:.4f}"
     log.info(f"{label}: {scored} in {metrics['_seconds']:.0f} s")
     return metrics
