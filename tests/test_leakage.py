@@ -192,12 +192,15 @@ def test_forked_workers_scan_and_sign_a_split_as_threads_do(tmp_path, monkeypatc
             assert isinstance(pool, ProcessPoolExecutor) == (min_rows == 0)
         bad = scan_split("train", split)
         found = leakage.signatures(split.select(sorted(set(range(len(split))) - {b.index for b in bad})), workers=2)
-        return bad, found.hashes, found.paths, found.thumbs.read()
+        return bad, found.hashes, found.paths, found.thumbs.read(), found.thumbs.coarse
 
     bad, *signed = scanned_and_signed(0)
     assert [Path(b.file).name for b in bad] == ["cut.jpg"] and "truncated" in bad[0].reason
     expected_bad, *expected = scanned_and_signed(10**9)
     assert bad == expected_bad and signed[:2] == expected[:2] and np.array_equal(signed[2], expected[2])
+    # the index's block averages, made by the workers with the thumbnails: 8 x 8 blocks of 4 x 4 pixels, each sum / 4
+    blocks = signed[2].reshape(-1, 8, 4, 8, 4).sum(axis=(2, 4)).reshape(len(signed[2]), 64) / 4
+    assert np.array_equal(signed[3], expected[3]) and np.allclose(signed[3], blocks, atol=1e-6)
     assert len(signed[0]) == len(split) - 1 and len(set(signed[0])) == len(signed[0])
 
 

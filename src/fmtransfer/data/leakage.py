@@ -23,7 +23,6 @@ recall against the dense search.
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import importlib.util
 import io
@@ -104,7 +103,9 @@ class LeakageReport:
 
 class ThumbnailRows:
     """``[n, THUMB*THUMB]`` float32 thumbnails, read a range or a set of rows at a time: in memory (``array``), or
-    in an unnamed temporary file read by explicit reads, so that memory is what a caller reads, not the split."""
+    in an unnamed temporary file read by explicit reads, so that memory is what a caller reads, not the split; and
+    their block averages (``coarse``, ``[n, INDEX_GRID**2]``, what the FAISS index holds: 1/16 of the thumbnails,
+    kept in memory)."""
 
     ROW_BYTES = THUMB * THUMB * 4
 
@@ -112,16 +113,23 @@ class ThumbnailRows:
         self.n = n
         self.array = array
         self.file = tempfile.TemporaryFile() if array is None else None  # noqa: SIM115 - closed by close()
+        self.coarse = np.zeros((n, INDEX_GRID * INDEX_GRID), dtype=np.float32)
 
     @classmethod
     def of(cls, thumbs: np.ndarray | ThumbnailRows) -> ThumbnailRows:
-        return thumbs if isinstance(thumbs, ThumbnailRows) else cls(len(thumbs), np.asarray(thumbs, np.float32))
+        if isinstance(thumbs, ThumbnailRows):
+            return thumbs
+        rows = cls(len(thumbs), np.asarray(thumbs, np.float32))
+        rows.coarse[:] = block_means(rows.array)
+        return rows
 
     def __len__(self) -> int:
         return self.n
 
-    def write(self, start: int, rows: np.ndarray) -> None:
+    def write(self, start: int, rows: np.ndarray, coarse: np.ndarray | None = None) -> None:
+        """Thumbnails from row ``start`` on, with their block averages (computed here when not given)."""
         data = np.ascontiguousarray(rows, dtype=np.float32)
+        self.coarse[start : start + len(data)] = block_means(data) if coarse is None else coarse
         if self.array is not None:
             self.array[start : start + len(data)] = data
             return
@@ -218,11 +226,12 @@ def centre_square(gray: torch.Tensor) -> torch.Tensor:
     return gray[top : top + side, left : left + side]
 
 
-def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
+def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """Undecoded images (``{"bytes", "path"}``): each one's bytes read once, hashed and decoded; their hashes, paths
-    ("" for images stored as bytes) and thumbnails (``[n, THUMB*THUMB]``). Images are decoded ``DECODE_BYTES`` of
-    files at a time and resized once ``RESIZE_PIXELS`` decoded pixels have gathered: memory is bounded by those, not
-    by the number or the size of the images."""
+    ("" for images stored as bytes), thumbnails (``[n, THUMB*THUMB]``) and the thumbnails' block averages
+    (``block_means``: made where the thumbnails are, in parallel). Images are decoded ``DECODE_BYTES`` of files at a
+    time and resized once ``RESIZE_PIXELS`` decoded pixels have gathered: memory is bounded by those, not by the
+    number or the size of the images."""
     hashes, parts, encoded, decoded = [], [], [], []
     encoded_size = decoded_size = 0
     for k, image in enumerate(images):
@@ -239,7 +248,8 @@ def image_signatures(images: list[dict]) -> tuple[list[str], list[str], np.ndarr
         if last or decoded_size >= RESIZE_PIXELS:
             parts.append(thumbnails(decoded))
             decoded, decoded_size = [], 0
-    return hashes, [image.get("path") or "" for image in images], np.concatenate([*parts, thumbnails(decoded)])
+    thumbs = np.concatenate([*parts, thumbnails(decoded)])
+    return hashes, [image.get("path") or "" for image in images], thumbs, block_means(thumbs)
 
 
 def signatures(split: Dataset, workers: int | None = None) -> Signatures:
@@ -249,10 +259,10 @@ def signatures(split: Dataset, workers: int | None = None) -> Signatures:
     in_memory = np.zeros((n, THUMB * THUMB), dtype=np.float32) if n < INDEX_MIN_REFERENCES else None
     thumbs = ThumbnailRows(n, in_memory)
     hashes, paths = [], []
-    for start, (chunk_hashes, chunk_paths, rows) in map_undecoded(split, image_signatures, workers):
+    for start, (chunk_hashes, chunk_paths, rows, coarse) in map_undecoded(split, image_signatures, workers):
         hashes += chunk_hashes
         paths += chunk_paths
-        thumbs.write(start, rows)
+        thumbs.write(start, rows, coarse)
     return Signatures(hashes, paths, thumbs)
 
 
@@ -294,21 +304,12 @@ def similar_pairs(
 
 
 def block_means(thumbs: np.ndarray) -> np.ndarray:
-    """Thumbnails projected onto their ``INDEX_GRID`` x ``INDEX_GRID`` block averages, in an orthonormal basis (each
-    block's sum over its side): an orthogonal projection, so no distance grows, and most of a thumbnail's energy
-    is in its coarse structure (about 75 % on the scale benchmark's images). One matrix product (a strided sum
-    over the blocks costs 4x more)."""
-    return np.ascontiguousarray(thumbs @ block_basis(), dtype=np.float32)
-
-
-@functools.cache
-def block_basis() -> np.ndarray:
-    """``[THUMB*THUMB, INDEX_GRID**2]``: pixel ``(y, x)`` weighs ``1 / side`` in its block's column."""
+    """``[n, INDEX_GRID**2]``: thumbnails projected onto their ``INDEX_GRID`` x ``INDEX_GRID`` block averages, in an
+    orthonormal basis (each block's sum over its side): an orthogonal projection, so no distance grows, and most
+    of a thumbnail's energy is in its coarse structure (about 75 % on the scale benchmark's images)."""
     side = THUMB // INDEX_GRID
-    y, x = np.divmod(np.arange(THUMB * THUMB), THUMB)
-    basis = np.zeros((THUMB * THUMB, INDEX_GRID * INDEX_GRID), dtype=np.float32)
-    basis[np.arange(THUMB * THUMB), (y // side) * INDEX_GRID + x // side] = 1.0 / side
-    return basis
+    squares = torch.from_numpy(np.ascontiguousarray(thumbs, dtype=np.float32)).view(-1, 1, THUMB, THUMB)
+    return (F.avg_pool2d(squares, side) * side).flatten(1).numpy()
 
 
 def index_lists(references: int) -> int:
@@ -320,26 +321,25 @@ def index_lists(references: int) -> int:
 
 
 def indexed_pairs(queries: ThumbnailRows, references: ThumbnailRows, threshold: float) -> list[tuple[int, int, float]]:
-    """``similar_pairs`` through FAISS: the references' block averages (``block_means``) in an inverted-file index,
-    range-searched with the threshold's radius (unit vectors: correlation >= t <=> squared distance <= 2 (1 - t),
-    and the projection keeps every such pair within it), the candidates checked on the full thumbnails."""
+    """``similar_pairs`` through FAISS: the references' block averages (``ThumbnailRows.coarse``) in an inverted-file
+    index, range-searched with the threshold's radius (unit vectors: correlation >= t <=> squared distance <=
+    2 (1 - t), and the projection keeps every such pair within it), the candidates checked on the full thumbnails."""
     import faiss
 
     n = len(references)
     dims = INDEX_GRID * INDEX_GRID
-    projected = np.concatenate([block_means(references.read(s, s + BLOCK)) for s in range(0, n, BLOCK)])
+    projected = references.coarse
     lists = index_lists(n)
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dims), dims, lists)
     index.cp.niter = INDEX_TRAIN_ITERATIONS
     index.train(projected[np.sort(np.random.default_rng(0).permutation(n)[: INDEX_TRAIN_PER_LIST * lists])])
     index.add(projected)
     index.nprobe = min(INDEX_PROBES, lists)
-    del projected
     radius = 2.0 * (1.0 - threshold) + 1e-4  # a little slack: the candidates are checked exactly
     out = []
     for start in range(0, len(queries), BLOCK):
         block = queries.read(start, start + BLOCK)
-        limits, _, found = index.range_search(block_means(block), radius)
+        limits, _, found = index.range_search(queries.coarse[start : start + BLOCK], radius)
         rows = np.repeat(np.arange(len(block)), np.diff(limits).astype(np.int64))
         scores = np.einsum("ij,ij->i", block[rows], references.take(found)) if len(found) else np.zeros(0)
         keep = scores >= threshold
