@@ -109,19 +109,18 @@ class ThumbnailRows:
 
     ROW_BYTES = THUMB * THUMB * 4
 
-    def __init__(self, n: int, array: np.ndarray | None = None):
+    def __init__(self, n: int, array: np.ndarray | None = None, coarse: np.ndarray | None = None):
         self.n = n
         self.array = array
         self.file = tempfile.TemporaryFile() if array is None else None  # noqa: SIM115 - closed by close()
-        self.coarse = np.zeros((n, INDEX_GRID * INDEX_GRID), dtype=np.float32)
+        self.coarse = np.zeros((n, INDEX_GRID * INDEX_GRID), dtype=np.float32) if coarse is None else coarse
 
     @classmethod
     def of(cls, thumbs: np.ndarray | ThumbnailRows) -> ThumbnailRows:
         if isinstance(thumbs, ThumbnailRows):
             return thumbs
-        rows = cls(len(thumbs), np.asarray(thumbs, np.float32))
-        rows.coarse[:] = block_means(rows.array)
-        return rows
+        array = np.asarray(thumbs, np.float32)
+        return cls(len(array), array, block_means(array))
 
     def __len__(self) -> int:
         return self.n

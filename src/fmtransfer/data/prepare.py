@@ -82,9 +82,8 @@ def prepare_data(
         splits, split_source = make_splits(dsd, val_fraction, test_fraction, split_seed)
         check_classes(splits)
         notes += [f"{k} split {v}" for k, v in split_source.items() if v != "given"]
-        leakage = None
+        leakage, memo = None, Path(cache_dir) / "leakage" if cache_dir else None
         if leakage_threshold is not None:
-            memo = Path(cache_dir) / "leakage" if cache_dir else None
             leakage = cached_leakage(splits, leakage_threshold, memo, leakage_index)
             if leakage.pairs:
                 notes.append(f"warning: {leakage.summary()} (data.dedupe={dedupe})")
@@ -101,7 +100,6 @@ def prepare_data(
         )
         if cv is None or (cv.fold is None and not cv.refit and not cv.given_validation):
             return prepared
-        memo = Path(cache_dir) / "leakage" if cache_dir else None
         return fold_splits(
             prepared, cv, split_seed, lambda pool: pool_groups(pool, leakage_threshold, memo, leakage_index)
         )
