@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fmtransfer.backbone import FeatureMapExtractor, build_eval_transform, describe_backbone, resolve_data_config
-from fmtransfer.data.leakage import image_signatures
+from fmtransfer.data.leakage import image_signatures, normalized
 
 
 def near_copy(image: Image.Image) -> bytes:
@@ -29,7 +29,7 @@ def near_copy(image: Image.Image) -> bytes:
 
 def thumbnails(encoded: list[bytes]) -> np.ndarray:
     """The check's own thumbnails (``image_signatures``: decoded as the check decodes them)."""
-    return image_signatures([{"bytes": data, "path": None} for data in encoded])[2]
+    return normalized(image_signatures([{"bytes": data, "path": None} for data in encoded])[2])
 
 
 def pre_logits(images: list[Image.Image]) -> np.ndarray:

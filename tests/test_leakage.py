@@ -12,12 +12,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from fmtransfer.bench.scale import pil_thumbnail
 from fmtransfer.cli.config import compose_config
 from fmtransfer.data import images, leakage, prepare_data
-from fmtransfer.data.leakage import DEFAULT_THRESHOLD, image_signatures
+from fmtransfer.data.leakage import DEFAULT_THRESHOLD, image_signatures, normalized
 from fmtransfer.data.sources import load_image_folder
 from fmtransfer.data.validate import scan_split
 from fmtransfer.regimes import run_regime
@@ -35,7 +37,7 @@ def _resized_jpeg(path: Path) -> bytes:
 
 
 def _thumbnails(encoded: list[bytes]) -> np.ndarray:
-    return image_signatures([{"bytes": data, "path": None} for data in encoded])[2]
+    return normalized(image_signatures([{"bytes": data, "path": None} for data in encoded])[2])
 
 
 def test_the_near_duplicate_threshold_separates_copies_from_distinct_photos():
@@ -141,6 +143,11 @@ def test_the_faiss_index_finds_the_pairs_the_dense_search_finds():
     on_disk = ThumbnailRows(len(references))  # how a large split's thumbnails are kept
     on_disk.write(0, references)
     assert np.array_equal(on_disk.take(np.array([7, 3, 7, 4])), references[[7, 3, 7, 4]])
+    levels = rng.integers(0, 256, size=(50, 1024), dtype=np.uint8)  # the check's own: gray levels, a byte a pixel
+    as_levels = ThumbnailRows(len(levels), levels=True)
+    as_levels.write(0, levels)
+    assert np.array_equal(as_levels.take(np.array([9, 2, 9])), normalized(levels[[9, 2, 9]]))
+    assert np.allclose(np.linalg.norm(as_levels.read(), axis=1), 1.0) and np.allclose(as_levels.read().mean(1), 0)
     indexed = similar_pairs(queries, on_disk, DEFAULT_THRESHOLD, "faiss")
     assert [(r, c) for r, c, _ in indexed] == [(r, c) for r, c, _ in dense]
     assert np.allclose([s for *_, s in indexed], [s for *_, s in dense], atol=1e-5)
@@ -173,6 +180,11 @@ def test_thumbnails_match_pil_for_every_kind_of_image_the_check_decodes(monkeypa
     monkeypatch.setattr(leakage, "DECODE_BYTES", 3_000)  # decoded and resized a few images at a time
     monkeypatch.setattr(leakage, "RESIZE_PIXELS", 10_000)
     assert np.array_equal(_thumbnails(encoded), thumbs[:-1])
+    # squares resized four at a time as channels: the same levels as one at a time, enlarged or reduced, any count
+    for side, count in [(20, 1), (61, 3), (64, 4), (250, 5)]:
+        squares = torch.from_numpy(rng.integers(0, 256, size=(count, side, side), dtype=np.uint8))
+        one_by_one = F.interpolate(squares.unsqueeze(1), size=(32, 32), mode="bilinear", antialias=True)
+        assert torch.equal(leakage.resized_squares(squares), one_by_one.squeeze(1))
 
 
 def test_forked_workers_scan_and_sign_a_split_as_threads_do(tmp_path, monkeypatch):

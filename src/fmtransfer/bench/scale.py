@@ -215,10 +215,11 @@ def pil_thumbnail(image: Image.Image) -> np.ndarray:
     return a / norm if norm > 0 else a
 
 
-def leakage_run(n: int, work: Path, size: int) -> dict:
+def leakage_run(n: int, work: Path, size: int, repeats: int = 3) -> dict:
     """The leakage check on ``n`` synthetic images (80 % / 20 % as reference / query splits): the whole check as it
-    was (``reference_signatures``, dense search), and as it is with the dense and with the indexed search; each
-    search alone on the same thumbnails; the pairs found against the reference's."""
+    was (``reference_signatures``, dense search), and as it is with the dense and with the indexed search, the three
+    in turn ``repeats`` times (times: medians, every run's in ``*_runs_s``); each search alone on the same
+    thumbnails; the pairs found against the reference's."""
     from fmtransfer.data.sources import load_image_folder
 
     data = work / f"synthetic-{n}"
@@ -236,12 +237,17 @@ def leakage_run(n: int, work: Path, size: int) -> dict:
         "dense": {"index": "dense"},
         "faiss": {"index": "faiss"},
     }
-    for name, how in checks.items():
-        began = time.perf_counter()
-        report = find_leakage(splits, **how)
-        out[f"check_{name}_s"] = round(time.perf_counter() - began, 2)
-        found[name] = {(p.kind, p.row, p.other_row) for p in report.pairs}
-        out[f"{name}_pairs"] = report.counts()
+    runs: dict[str, list[float]] = {name: [] for name in checks}
+    for _ in range(repeats):  # in turn: this machine's speed drifts within minutes
+        for name, how in checks.items():
+            began = time.perf_counter()
+            report = find_leakage(splits, **how)
+            runs[name].append(round(time.perf_counter() - began, 3))
+            found[name] = {(p.kind, p.row, p.other_row) for p in report.pairs}
+            out[f"{name}_pairs"] = report.counts()
+    for name, times in runs.items():
+        out[f"check_{name}_s"] = round(float(np.median(times)), 2)
+        out[f"check_{name}_runs_s"] = times
     began = time.perf_counter()
     thumbs = {name: signatures(split).thumbs for name, split in splits.items()}
     out["signatures_s"] = round(time.perf_counter() - began, 2)
@@ -266,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="make bench-scale", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 200_000], help="images per run")
     parser.add_argument("--leakage-images", type=int, default=20_000, help="images of the leakage comparison (0: skip)")
+    parser.add_argument("--leakage-repeats", type=int, default=3, help="runs of each leakage check (medians)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("data/bench-scale"), help="datasets, caches and logs")
     parser.add_argument("--out", type=Path, default=Path("logs/bench-scale.json"))
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(["make bench-scale", *(argv or sys.argv[1:])]), "runs": []}
     if args.leakage_images:
-        results["leakage"] = leakage_run(args.leakage_images, args.work, args.image_size)
+        results["leakage"] = leakage_run(args.leakage_images, args.work, args.image_size, args.leakage_repeats)
         log.info(json.dumps(results["leakage"]))
     for n in args.sizes:
         results["runs"].append(scale_run(n, args.work, args.image_size, sys.executable))
