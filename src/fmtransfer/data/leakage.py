@@ -236,15 +236,10 @@ def resized_squares(squares: torch.Tensor) -> torch.Tensor:
 
 def normalized(levels: np.ndarray) -> np.ndarray:
     """Thumbnail levels as float32 rows with their mean removed and unit norm (flat images: all zeros)."""
-    out = torch.from_numpy(np.asarray(levels)).float()
+    out = torch.from_numpy(np.array(levels, dtype=np.float32))  # a copy: rows read from a file are read-only
     out -= out.mean(dim=1, keepdim=True)
     norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)
     return out.div_(torch.where(norms > 0, norms, 1.0)).numpy()
-
-
-def thumbnails(grays: list[torch.Tensor]) -> np.ndarray:
-    """``[n, THUMB*THUMB]`` float32: the images' ``thumbnail_levels``, ``normalized``."""
-    return normalized(thumbnail_levels(grays))
 
 
 def centre_square(gray: torch.Tensor) -> torch.Tensor:
