@@ -226,7 +226,7 @@ def thumbnail_levels(grays: list[torch.Tensor]) -> np.ndarray:
 def resized_squares(squares: torch.Tensor) -> torch.Tensor:
     """``[n, side, side]`` uint8 -> ``[n, THUMB, THUMB]``, four squares at a time as the channels of one
     channels-last image: torch's vectorised uint8 antialiased resize takes 3- or 4-channel channels-last images
-    only, and resizes each channel on its own (the same levels as one channel at a time, about 9x faster)."""
+    only, and resizes each channel on its own (the same levels as one channel at a time)."""
     n, side = len(squares), squares.shape[-1]
     padded = torch.cat([squares, squares.new_zeros(-n % 4, side, side)])
     packed = padded.view(-1, 4, side, side).contiguous(memory_format=torch.channels_last)
