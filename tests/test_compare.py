@@ -284,6 +284,48 @@ def test_a_regime_that_kept_its_start_competes_as_its_start_and_is_named():
     assert "partial trained 0 epochs" in text and "(linear probe, pre_logits, 224 px)" in text
 
 
+def test_verdict_says_whether_a_trained_regime_gained_on_its_start():
+    """A live regime that trained says how far its chosen candidate's selection score moved from its start's on the
+    same held-out images, against the paired SE; a regime that kept its start, or has no scored start, says nothing."""
+    summary = {
+        "frozen": _row([0.90] * 3, [0.93] * 3, [5] * 3, 3000),
+        "finetune": _row([0.92] * 3, [0.94] * 3, [100] * 3, 4_000_000),
+        "partial": _row([0.91] * 3, [0.92] * 3, [1] * 3, 2_000_000, kept=3),
+    }
+    chosen, other = ["regime.backbone_lr=1e-05"], ["regime.backbone_lr=0.0001"]
+    summary["finetune"]["all"]["selection"] = {
+        "settings": {"overrides": chosen},
+        "candidates": [
+            {
+                "overrides": other,
+                "score": 0.80,
+                "scores": {"acc": 0.80},
+                "start_scores": {"acc": 0.9},
+                "gain_se": {"acc": 0.01},
+            },
+            {
+                "overrides": chosen,
+                "score": 0.92,
+                "scores": {"acc": 0.92},
+                "start_scores": {"acc": 0.9},
+                "gain_se": {"acc": 0.015},
+            },
+        ],
+    }
+    summary["partial"]["all"]["selection"] = {
+        "settings": {"overrides": []},
+        "candidates": [{"overrides": [], "score": 0.91, "start_scores": {"acc": 0.91}, "gain_se": {"acc": 0.0}}],
+    }
+    text = verdict_text(verdict(summary), summary)
+    assert (
+        "finetune trained past its linear-probe start: selection accuracy 0.920 at the chosen epoch against its "
+        "start's 0.900 on the same held-out images (+2.0 points, paired SE 1.5: more than one SE)." in text
+    )
+    assert "partial trained past" not in text and "frozen trained past" not in text
+    summary["finetune"]["all"]["selection"]["candidates"][1]["gain_se"] = {"acc": 0.03}
+    assert "(+2.0 points, paired SE 3.0: within one SE)" in verdict_text(verdict(summary), summary)
+
+
 def test_verdict_without_predictions_never_calls_a_difference_clear():
     summary = {"frozen": _row([0.9] * 3, [0.95] * 3, [1] * 3), "scratch": _row([0.5] * 3, [0.5] * 3, [9] * 3)}
     v = verdict(summary)

@@ -94,6 +94,17 @@ def verdict_text(verdict: dict, summary: dict) -> str:
             f"{regime} trained 0 epochs (its lowest pooled validation loss was its start): it competes as its start "
             f"({models.get(regime, {}).get('is', regime)})."
         )
+    for regime, row in rows.items():
+        epochs = models.get(regime, {}).get("trained_epochs")
+        gain = gain_over_start(row.get("selection"), metric)
+        if regime in STARTS_AS_PROBE and epochs and gain:
+            score, start, se = gain
+            clear = "more than" if score - start > se else "within"
+            lines.append(
+                f"{regime} trained past its linear-probe start: selection {label} {score:.3f} at the chosen epoch "
+                f"against its start's {start:.3f} on the same held-out images ({(score - start) * 100:+.1f} points, "
+                f"paired SE {se * 100:.1f}: {clear} one SE)."
+            )
     if verdict["best_on_test"] != winner:
         lines.append(
             f"On the test split **{verdict['best_on_test']}** scores highest; the winner is chosen on labelled "
@@ -110,6 +121,17 @@ def verdict_text(verdict: dict, summary: dict) -> str:
             "pool in a way selection on training data cannot see."
         )
     return "\n".join(lines)
+
+
+def gain_over_start(selection: dict | None, metric: str) -> tuple[float, float, float] | None:
+    """``(score, start's score, paired SE of the difference)`` in ``metric`` of the chosen candidate on its own folds,
+    or None where the selection scored no start (a frozen head, no cross-validation)."""
+    chosen = ((selection or {}).get("settings") or {}).get("overrides")
+    for c in (selection or {}).get("candidates") or []:
+        start = (c.get("start_scores") or {}).get(metric)
+        if c.get("overrides") == chosen and start is not None:
+            return (c.get("scores") or {}).get(metric, c["score"]), start, (c.get("gain_se") or {}).get(metric, 0.0)
+    return None
 
 
 def score_text(sel: dict) -> str:
