@@ -123,15 +123,20 @@ def verdict_text(verdict: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def chosen_candidate(selection: dict | None) -> dict | None:
+    """The selection's candidate whose overrides it chose, if it recorded its candidates."""
+    chosen = ((selection or {}).get("settings") or {}).get("overrides")
+    return next((c for c in (selection or {}).get("candidates") or [] if c.get("overrides") == chosen), None)
+
+
 def gain_over_start(selection: dict | None, metric: str) -> tuple[float, float, float] | None:
     """``(score, start's score, paired SE of the difference)`` in ``metric`` of the chosen candidate on its own folds,
     or None where the selection scored no start (a frozen head, no cross-validation)."""
-    chosen = ((selection or {}).get("settings") or {}).get("overrides")
-    for c in (selection or {}).get("candidates") or []:
-        start = (c.get("start_scores") or {}).get(metric)
-        if c.get("overrides") == chosen and start is not None:
-            return (c.get("scores") or {}).get(metric, c["score"]), start, (c.get("gain_se") or {}).get(metric, 0.0)
-    return None
+    c = chosen_candidate(selection) or {}
+    start = (c.get("start_scores") or {}).get(metric)
+    if start is None:
+        return None
+    return (c.get("scores") or {}).get(metric, c["score"]), start, (c.get("gain_se") or {}).get(metric, 0.0)
 
 
 def score_text(sel: dict) -> str:
@@ -328,11 +333,9 @@ def selection_curves(results: dict, shots: str) -> dict[str, dict]:
     """Each regime's pooled out-of-fold validation loss by epoch for its chosen candidate (what chose its epoch)."""
     out = {}
     for r in results["runs"]:
-        sel = r.get("selection") or {}
         if r["shots_per_class"] != shots or r["regime"] in out:
             continue
-        chosen = (sel.get("settings") or {}).get("overrides")
-        cand = next((c for c in sel.get("candidates") or [] if c.get("overrides") == chosen), None)
+        cand = chosen_candidate(r.get("selection"))
         if cand and cand.get("loss_by_epoch"):
             out[r["regime"]] = {"loss": cand["loss_by_epoch"], "chosen": cand["epoch"], "horizon": cand["horizon"]}
     return out
