@@ -293,3 +293,73 @@ def test_importing_fmtransfer_raises_onednn_s_primitive_cache_unless_the_user_se
         check=True,
     )
     assert int(ours.stdout) > 1024 and theirs.stdout.strip() == "100"
+
+
+def _with_random_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (a random init has mean 0, var 1, gamma 1, beta 0)."""
+    gen = torch.Generator().manual_seed(0)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            for t, (lo, hi) in zip(
+                (bn.running_mean, bn.running_var, bn.weight.data, bn.bias.data),
+                ((-0.5, 0.5), (0.5, 2.0), (0.5, 1.5), (-0.2, 0.2)),
+                strict=True,
+            ):
+                t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=gen))
+    return model
+
+
+def test_fixed_batchnorm_statistics_folded_into_convolutions_give_the_same_outputs_and_gradients():
+    """FixedBatchNormStats folds every BatchNorm of lite0 into its convolution from the first forward on: outputs and
+    every parameter's gradient as the unfolded model's (float32), state dict keys unchanged; put back in train mode
+    outside the wrapper, the BatchNorms normalise with batch statistics again."""
+    import copy
+
+    import timm
+
+    from fmtransfer.backbone import FixedBatchNormStats, depthwise_backward_in_float32
+
+    torch.manual_seed(0)
+    model = _with_random_statistics(timm.create_model("tf_efficientnet_lite0"))
+    reference = FixedBatchNormStats(copy.deepcopy(model), fold=False).train()
+    folded = FixedBatchNormStats(depthwise_backward_in_float32(copy.deepcopy(model))).train()
+    x = torch.randn(2, 3, 64, 64)
+    folded(x[:1])  # the first forward confirms the pairs on its first sample, then runs folded
+    batchnorms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(batchnorms) == 49 and all(
+        getattr(m, "folded_batchnorm", ()) for m in folded.modules() if isinstance(m, torch.nn.Conv2d)
+    )
+    assert list(folded.state_dict()) == list(reference.state_dict())
+    expected, out = reference(x), folded(x)
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    expected.square().sum().backward()
+    out.square().sum().backward()
+    theirs = dict(reference.named_parameters())
+    for name, p in folded.named_parameters():
+        assert torch.allclose(p.grad, theirs[name].grad, rtol=1e-3, atol=1e-3 * theirs[name].grad.abs().max().item()), (
+            name
+        )
+    folded.module.train()  # outside the wrapper: batch statistics again, as the plain model
+    plain = copy.deepcopy(model).train()
+    assert torch.allclose(folded.module(x), plain(x), atol=1e-4)
+
+
+def test_a_batchnorm_that_does_not_take_its_neighbours_output_is_not_folded():
+    """Registration order proposes a pair; the data flow of the first forward decides."""
+    from fmtransfer.backbone import FixedBatchNormStats
+
+    class NormThenConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    module = _with_random_statistics(NormThenConv())
+    wrapped = FixedBatchNormStats(module).train()
+    x = torch.randn(2, 3, 8, 8)
+    first = wrapped(x)
+    assert not getattr(module.conv, "folded_batchnorm", ()) and type(module.bn) is torch.nn.BatchNorm2d
+    assert torch.equal(wrapped(x), first)

@@ -1,5 +1,6 @@
 """Backbone stage: timm models with resolved pretrained weights, their feature maps, freezing, preprocessing."""
 
+from fmtransfer.backbone.convolution import depthwise_backward_in_float32
 from fmtransfer.backbone.model import (
     PRE_LOGITS,
     BackboneSpec,
@@ -8,7 +9,6 @@ from fmtransfer.backbone.model import (
     FrozenModule,
     LevelInfo,
     check_model_name,
-    depthwise_backward_in_float32,
     describe_backbone,
     describe_levels,
     parse_levels,

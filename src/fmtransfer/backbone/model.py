@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import timm
 import torch
-import torch.nn.functional as F
-from timm.layers import Conv2dSame
-from timm.layers.padding import pad_same
 from torch import nn
 
+from fmtransfer.backbone.convolution import conv_batchnorm_pairs, fold_batchnorm, pairs_in_data_flow
 from fmtransfer.backbone.weights import WeightsInfo, WeightsSource, load_weights, resolve_weights_source
 from fmtransfer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 PRE_LOGITS = "pre_logits"
 
@@ -167,70 +168,6 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
-class _ConvBf16Float32Backward(torch.autograd.Function):
-    """A convolution computed in bf16 (as CPU autocast computes it) whose backward runs in float32."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.x_dtype, ctx.bias_sizes = x.dtype, None if bias is None else list(bias.shape)
-        x = x.to(torch.bfloat16)
-        ctx.save_for_backward(x, weight)
-        with torch.autocast("cpu", enabled=False):
-            b = None if bias is None else bias.to(torch.bfloat16)
-            return F.conv2d(x, weight.to(torch.bfloat16), b, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        wanted = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            ctx.bias_sizes is not None and ctx.needs_input_grad[2],
-        )
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad.float(), x.float(), weight.float(), ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-            wanted,
-        )  # fmt: skip
-        gx = gx.to(ctx.x_dtype) if gx is not None else None
-        return gx, gw, gb, None, None, None, None
-
-
-class _DepthwiseBackwardInFloat32:
-    """Mixed into a depthwise convolution's class: under CPU bf16 autocast its forward stays bf16 and its backward runs
-    in float32, because oneDNN's bf16 depthwise backward is the slow op of a CPU training step while its forward costs
-    the same in both (docs/benchmarks.md)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        if x.device.type != "cpu" or not bf16 or isinstance(self.padding, str) or self.padding_mode != "zeros":
-            return super().forward(x)
-        padding = self.padding
-        if isinstance(self, Conv2dSame):  # timm's TF-style "same" padding: pad as its forward does, then no padding
-            x, padding = pad_same(x, self.kernel_size, self.stride, self.dilation), (0, 0)
-        return _ConvBf16Float32Backward.apply(
-            x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups
-        )
-
-
-_FAST_BACKWARD_CLASSES: dict[type, type] = {}
-
-
-def depthwise_backward_in_float32(module: nn.Module) -> nn.Module:
-    """``module`` (in place) with every depthwise convolution's backward in float32 under CPU bf16 autocast (its class
-    swapped for a subclass: parameter names, checkpoints, forward outputs and everything outside CPU bf16 autocast
-    stay the same). Calling it again changes nothing."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and not isinstance(m, _DepthwiseBackwardInFloat32):
-            cls = type(m)
-            if cls not in _FAST_BACKWARD_CLASSES:
-                name = f"{cls.__name__}Float32Backward"
-                _FAST_BACKWARD_CLASSES[cls] = type(name, (_DepthwiseBackwardInFloat32, cls), {})
-            m.__class__ = _FAST_BACKWARD_CLASSES[cls]
-    return module
-
-
 class FrozenModule(nn.Module):
     """Wraps a module so it never trains: no gradients, and BatchNorm/dropout stay in eval mode.
 
@@ -257,11 +194,14 @@ class FixedBatchNormStats(nn.Module):
 
     The weights (BatchNorm's affine parameters included) still train; only the statistics stay fixed, because
     batches of a few dozen images from a small dataset estimate them worse than ImageNet did (frozen-BN fine-tuning).
+    ``fold``: each BatchNorm that directly follows a convolution is computed through that convolution's weight and
+    bias (the same function and gradients, up to float rounding; ``convolution.py``).
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, fold: bool = True):
         super().__init__()
         self.module = module
+        self.fold_pending = fold
 
     def train(self, mode: bool = True) -> FixedBatchNormStats:
         super().train(mode)
@@ -271,4 +211,21 @@ class FixedBatchNormStats(nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
+        if self.fold_pending:
+            self.fold_pending = False
+            self._fold(args, kwargs)
         return self.module(*args, **kwargs)
+
+    def _fold(self, args: tuple, kwargs: dict) -> None:
+        """With its statistics fixed, a BatchNorm is a per-channel affine map: folded into the convolution before it,
+        the pair costs one pass over the activations instead of three. The pairs are confirmed on the data flow of a
+        forward of the batch's first sample (no gradients, random state restored), so every real forward is folded."""
+        first = [a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args]
+        cuda = [a.device for a in first if isinstance(a, torch.Tensor) and a.is_cuda]
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=cuda[:1]),
+            pairs_in_data_flow(conv_batchnorm_pairs(self.module)) as pairs,
+        ):
+            self.module(*first, **kwargs)
+        log.debug("%d BatchNorm layers with fixed statistics folded into their convolutions", fold_batchnorm(pairs))

@@ -62,7 +62,7 @@ def cpu_fast_path(cfg: DictConfig, out_dir: Path, cache_dir: Path, device: torch
     ctx = start_context(fast_cfg, out_dir / "fast-path")
     model, _ = ctx.spec.create()
     log.info(f"CPU fast path: {f.data} at {ctx.data_config['input_size'][-1]} px")
-    return fast_path_figures(ctx, model, cache_dir / "fast", f.train_steps, f.train_batch_size)
+    return fast_path_figures(ctx, model, cache_dir / "fast", f.train_steps, f.train_batch_size, cfg.bench.rounds)
 
 
 def jpeg_extraction(cfg: DictConfig, out_dir: Path, cache_dir: Path) -> dict:
@@ -321,6 +321,8 @@ def fast_path_lines(fast: dict) -> list[str]:
             f"  {name}: forward (pre-decoded) {m['forward_predecoded_images_per_s']} img/s"
             f"{_ratio(r, 'forward_predecoded')}, extraction from JPEGs {m['extract_jpeg_images_per_s']} img/s"
             f"{_ratio(r, 'extract_jpeg')}, training step {m['train_step_images_per_s']} img/s{_ratio(r, 'train_step')}"
+            f" ({r['train_step_over_old_path']}x the old path: NCHW fp32, BatchNorm unfolded), BatchNorm unfolded "
+            f"{m['train_step_unfolded_images_per_s']} img/s{_ratio(r, 'train_step_unfolded')}"
         )
     lines += [f"  {name}: skipped, {why}" for name, why in fast["skipped"].items()]
     return lines
