@@ -363,3 +363,53 @@ def test_a_batchnorm_that_does_not_take_its_neighbours_output_is_not_folded():
     first = wrapped(x)
     assert not getattr(module.conv, "folded_batchnorm", ()) and type(module.bn) is torch.nn.BatchNorm2d
     assert torch.equal(wrapped(x), first)
+
+
+def test_clamping_activations_run_in_the_convolutions_output_pass_with_the_same_values_and_gradients(monkeypatch):
+    """A folded convolution applies the ReLU6 / ReLU after its BatchNorm in oneDNN's output pass: channels-last (as
+    finetune runs), under CPU bf16 autocast and in float32, the output is bit for bit the convolution followed by the
+    activation module, and the gradients of every parameter match; an activation that does not clamp (SiLU) is left
+    to the BatchNorm."""
+    import copy
+
+    import timm
+    from timm.layers import BatchNormAct2d
+
+    import fmtransfer.backbone.convolution as convolution
+    from fmtransfer.backbone import FixedBatchNormStats, depthwise_backward_in_float32, to_channels_last
+
+    class ConvNormAct(torch.nn.Module):
+        def __init__(self, act: type[torch.nn.Module]):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = BatchNormAct2d(8, act_layer=act)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    lite0 = to_channels_last(_with_random_statistics(timm.create_model("tf_efficientnet_lite0", num_classes=2)))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    for model, expected_fused in (
+        (lite0, 33),  # the stem, every expansion and depthwise convolution, the head (ReLU6)
+        (_with_random_statistics(ConvNormAct(torch.nn.ReLU)), 1),
+        (_with_random_statistics(ConvNormAct(torch.nn.SiLU)), 0),
+    ):
+        for bf16 in (True, False):
+            runs = []
+            for fused in (True, False):
+                monkeypatch.setattr(convolution, "_FUSED_OUTPUT_PASS", fused)
+                wrapped = FixedBatchNormStats(depthwise_backward_in_float32(copy.deepcopy(model))).train()
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    wrapped(x[:1])
+                    out = wrapped(x)
+                out.float().square().sum().backward()
+                runs.append((out, {n: p.grad for n, p in wrapped.named_parameters()}))
+                activations = [m.fused_activation for m in wrapped.modules() if getattr(m, "fused_activation", None)]
+                assert len(activations) == expected_fused
+            (out, grads), (ref_out, ref_grads) = runs
+            assert out.dtype == (torch.bfloat16 if bf16 else torch.float32) and torch.equal(out, ref_out)
+            tolerance = 1e-2 if bf16 else 1e-5
+            for name, g in grads.items():
+                ref = ref_grads[name]
+                assert torch.allclose(g, ref, rtol=tolerance, atol=tolerance * ref.abs().max().item()), name
