@@ -101,6 +101,11 @@ def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
     )
 
 
+def _float32_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """float32 fuses only channels-last, whose convolutions are oneDNN's anyway (NCHW ones may take other kernels)."""
+    return x.dtype == weight.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def folded_weight_and_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias of ``conv`` followed by ``bn`` with its running statistics: bn(conv(x, W, b)) =
     conv(x, W * s, (b - mean) * s + beta) with s = gamma / sqrt(var + eps), differentiable in W, b, gamma and beta."""
@@ -122,8 +127,7 @@ class _TrainingConvolution:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, activation = self.weight, self.bias, None
-        folded = bool(self.folded_batchnorm) and not self.folded_batchnorm[0].training
-        if folded:
+        if self.folded_batchnorm and not self.folded_batchnorm[0].training:
             weight, bias = folded_weight_and_bias(self, self.folded_batchnorm[0])
             activation = self.folded_batchnorm[0].fused_activation
         padding = self.padding
@@ -132,11 +136,7 @@ class _TrainingConvolution:
         cpu = x.device.type == "cpu" and self.padding_mode == "zeros" and not isinstance(padding, str)
         bf16 = cpu and _cpu_bf16_autocast(x)
         float32_backward = self.float32_backward and bf16
-        # float32 only channels-last, whose convolutions are oneDNN's anyway (NCHW ones may take other kernels)
-        float32_channels_last = x.dtype == weight.dtype == torch.float32 and x.is_contiguous(
-            memory_format=torch.channels_last
-        )
-        fused = cpu and activation is not None and _FUSED_OUTPUT_PASS and (bf16 or float32_channels_last)
+        fused = cpu and activation is not None and _FUSED_OUTPUT_PASS and (bf16 or _float32_channels_last(x, weight))
         if float32_backward or fused:
             dtype = torch.bfloat16 if bf16 else x.dtype
             out = _CpuConvolution.apply(
