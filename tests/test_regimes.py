@@ -57,6 +57,9 @@ def test_live_prefix_stays_frozen_while_the_suffix_trains():
     assert {id(p) for g in groups for p in g["params"]} == trainable
     assert not any(p.requires_grad for p in prefix.parameters())
     assert sorted(g["lr"] for g in groups) == [0.001, 0.01]
+    # A backbone rate of 0 is 0 (the backbone kept as it is), not the head's rate.
+    kept = HeadClassifier(copy.deepcopy(head), 3, lr=0.01, backbone_lr=0.0, features=module.features)
+    assert sorted(g["lr"] for g in kept.configure_optimizers()["optimizer"].param_groups) == [0.0, 0.01]
 
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 3, (8,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)

@@ -171,7 +171,7 @@ class HeadClassifier(pl.LightningModule):
         if self.features is not None:
             groups += backbone_groups(
                 self.features,
-                self.hparams.backbone_lr or self.hparams.lr,
+                self.hparams.lr if self.hparams.backbone_lr is None else self.hparams.backbone_lr,  # 0: not updated
                 self.hparams.weight_decay,
                 self.hparams.layer_decay,
                 per_tensor=self.hparams.per_tensor_lr,
