@@ -19,8 +19,10 @@ from fmtransfer.data import CrossValidation, prepare_data
 from fmtransfer.data.splits import cv_folds_for, stratified_folds
 from fmtransfer.errors import ConfigError
 from fmtransfer.regimes import load_data, run_regime
+from fmtransfer.regimes.run import for_run_dir
 from fmtransfer.report.runs import run_config
 from fmtransfer.report.selection import cv_settings, select, with_overrides
+from fmtransfer.training.instantiate import instantiate_training
 
 
 def test_stratified_folds_partition_the_pool_class_by_class():
@@ -65,9 +67,9 @@ def test_folds_and_refit_are_made_of_the_pool(tmp_path):
 
 
 def test_fold_run_gathers_cached_maps_and_skips_test_refit_trains_on_the_pool(tmp_path, tiny_overrides):
-    """A real frozen run on a fold: scored on the fold, test not evaluated, its maps gathered from the base entries
-    (not extracted); a refit trains a fixed number of epochs on the whole pool, tests once, and saves weights that
-    load with ``weights_only=True``."""
+    """A real frozen run on a fold (and on the given validation split): scored there, test not evaluated, its maps
+    gathered from the base entries (not extracted); a refit trains a fixed number of epochs on the whole pool, tests
+    once, and saves weights that load with ``weights_only=True``."""
     base = compose_config([*tiny_overrides, "data.shots_per_class=6"])
     plain = run_regime(base, tmp_path / "plain")  # builds the base entries
     fold = run_regime(cv_settings(base, folds=3, fold=1), tmp_path / "fold")
@@ -75,6 +77,12 @@ def test_fold_run_gathers_cached_maps_and_skips_test_refit_trains_on_the_pool(tm
     assert fold["split_sizes"]["train"] + fold["split_sizes"]["validation"] == 60
     assert 0.0 <= fold["val"]["acc"] <= 1.0 and fold["best_epoch"] >= 0
     assert not (tmp_path / "fold" / "test_predictions.csv").exists()
+    # The given validation split as the one "fold" (the validation protocol) is a selection run too.
+    with pytest.raises(ConfigError, match="given_validation"):  # k shots: no given validation split in the pool
+        run_regime(cv_settings(base, given_validation=True), tmp_path / "given")
+    given = for_run_dir(cv_settings(base, given_validation=True), tmp_path / "given")
+    assert not instantiate_training(given).evaluate_test, "a selection run, like the fold above: no test"
+    assert instantiate_training(for_run_dir(base, tmp_path / "final")).evaluate_test
     entries = fold["cache"]["entries"]
     for split in ("train", "validation"):
         manifest = json.loads((Path(entries[split]) / "manifest.json").read_text())

@@ -45,7 +45,7 @@ def summarise(metrics: dict) -> str:
         lines.append(f"cache     {'hit' if c['hit'] else 'built'} ({c['extract_seconds']:.1f} s extracting) {c['dir']}")
     for name, scores, absent in (
         ("val", v, "none (trained on the whole labelled pool, data.cv.refit)"),
-        ("test", t, "not evaluated (a cross-validation fold, data.cv.fold)"),
+        ("test", t, "not evaluated (a selection run: data.cv.fold or data.cv.given_validation)"),
     ):
         if scores:
             absent = (

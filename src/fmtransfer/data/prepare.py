@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from fmtransfer.data.leakage import dedupe as dedupe_splits
 from fmtransfer.data.sources import DataSource, load_image_dataset
 from fmtransfer.data.splits import make_splits, rename_splits, select_shots, stratified_folds
 from fmtransfer.data.validate import BadImage, check_classes, drop_bad_images
+from fmtransfer.errors import ConfigError
 from fmtransfer.hashing import mapping_key
 
 
@@ -161,6 +162,12 @@ class CrossValidation:
     given_validation: bool = False  # the selection "fold" is the given validation split (train on train)
 
 
+def is_selection_run(cv: Mapping | None) -> bool:
+    """Whether ``data.cv`` (its config) makes a selection run: a fold, or the given validation split as the one
+    "fold". A selection run is scored on its held-out images and never touches the test split."""
+    return cv is not None and (cv.get("fold") is not None or bool(cv.get("given_validation")))
+
+
 def pool_of(prepared: PreparedData) -> tuple[list[str], np.ndarray]:
     """The labelled pool as (base split of each row, row index in it)."""
     names = ["train"] if prepared.shots_per_class is not None else ["train", "validation"]
@@ -186,6 +193,11 @@ def fold_splits(
     elif cv.given_validation:
         val_idx = np.flatnonzero(np.asarray(names) == "validation")
         train_idx = np.flatnonzero(np.asarray(names) != "validation")
+        if not len(val_idx):  # a k-shot pool is the k shots alone
+            raise ConfigError(
+                "data.cv.given_validation=true scores on the given validation split, which a k-shot run "
+                f"(data.shots_per_class={prepared.shots_per_class}) leaves out of its pool; use data.cv.fold instead."
+            )
         what = f"train ({len(train_idx)} images); validation: the given validation split"
     else:
         held = stratified_folds(labels, cv.folds, seed, groups_of(pool))[cv.fold]

@@ -10,6 +10,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fmtransfer.data import is_selection_run
 from fmtransfer.training.allocator import malloc_settings, tune_malloc
 from fmtransfer.training.fit import validation_interval
 from fmtransfer.training.placement import Placement, Precision, resolve_placement, resolve_precision
@@ -39,8 +40,8 @@ class TrainingTools:
     extraction_kwargs: dict  # Trainer arguments for extraction (Trainer.predict): devices, precision, progress bar
     validations_per_run: int
     seed: int
-    # False for a cross-validation fold (``data.cv.fold``): it is scored on its held-out fold, and the test split is
-    # left to the final runs (each touches it once).
+    # False for a selection run (a cross-validation fold, or the given validation split as the one "fold"): it is
+    # scored on its held-out images, and the test split is left to the final runs (each touches it once).
     evaluate_test: bool = True
 
     def fit_trainer(
@@ -88,5 +89,5 @@ def instantiate_training(cfg: DictConfig) -> TrainingTools:
         },
         validations_per_run=t.validations_per_run,
         seed=cfg.seed,
-        evaluate_test=not (cfg.data.get("cv") and cfg.data.cv.fold is not None),
+        evaluate_test=not is_selection_run(cfg.data.get("cv")),
     )
