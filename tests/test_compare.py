@@ -376,11 +376,17 @@ def test_an_unknown_compare_metric_is_refused_before_any_run():
 
 def test_an_experiments_cpu_preset_keeps_the_cpu_selection():
     """Experiments replace the CPU preset's list with their own sizes; the CPU selection (every regime on 3 folds,
-    live regimes one setting) comes from compare.selection_presets and survives that."""
+    live regimes one setting but finetune's two backbone rates) comes from compare.selection_presets and survives
+    that."""
     for experiment in ("hymenoptera", "uiuc_texture", "pneumoniamnist"):
         cfg = resolve_preset([f"experiment={experiment}", "compare.preset=cpu"])
         assert cfg.compare.selection.folds == 3 and "folds" not in cfg.compare, "one fold count for every regime"
-        assert all(len(cfg.compare.sweep[r]) == 1 for r in ("partial", "finetune", "scratch")), experiment
+        assert all(len(cfg.compare.sweep[r]) == 1 for r in ("partial", "scratch")), experiment
+        rates = [
+            [float(o.split("=")[1]) for o in c if o.startswith("regime.backbone_lr=")]
+            for c in cfg.compare.sweep.finetune
+        ]
+        assert rates == [[1e-5], [1e-4]], experiment
         assert len(cfg.compare.sweep.frozen) == 5, "frozen keeps its sweep: linear, multilayer, 3 selective"
     full = resolve_preset(["experiment=uiuc_texture", "compare.preset=full"])
     assert all(len(full.compare.sweep[r]) == 2 for r in ("partial", "finetune", "scratch"))

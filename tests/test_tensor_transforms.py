@@ -11,9 +11,17 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
+from torchvision import transforms
 
-from fmtransfer.backbone import build_eval_transform, build_train_transform, describe_backbone, resolve_data_config
+from fmtransfer.backbone import (
+    build_eval_transform,
+    build_train_transform,
+    describe_backbone,
+    merge_augment,
+    resolve_data_config,
+)
 from fmtransfer.backbone.tensor_transforms import NotOnTensors, TensorAugment, TensorEval, to_uint8_tensor
+from fmtransfer.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,9 @@ def test_evaluation_images_prepared_once_are_the_floats_timm_s_transform_makes(p
     assert torch.equal(ours(prepared), torch.stack([timm_eval(p) for p in photos]))
 
 
-@pytest.mark.parametrize("augment", [{}, {"scale": (0.35, 1.0), "color_jitter": 0.0}, {"hflip": 0.0}])
+@pytest.mark.parametrize(
+    "augment", [{}, {"scale": (0.35, 1.0), "color_jitter": 0.0}, {"hflip": 0.0}, {"crop": "eval_framing"}]
+)
 def test_augmentation_on_tensors_draws_what_timm_s_draws_and_makes_the_same_images(photos, data_config, augment):
     timm_train = build_train_transform(data_config, augment)
     ours = TensorAugment(timm_train)
@@ -56,6 +66,50 @@ def test_augmentation_on_tensors_draws_what_timm_s_draws_and_makes_the_same_imag
     difference = (batch - reference).abs()
     assert difference.mean() < 0.01 and torch.quantile(difference.flatten(), 0.99) < 0.05
     assert (batch - torch.stack([timm_train(p) for p in photos * 4])).abs().mean() > 0.05, "other draws, other images"
+
+
+def test_crops_at_the_evaluation_s_framing_are_its_centre_crop_shifted_on_every_shape(photos, data_config):
+    """crop=eval_framing: on each photo (4:3, portrait, tiny) a square of the evaluation's framing at many positions;
+    the centred one, resized, is timm's evaluation image. timm's random resized crop at crop_pct squared is one fixed
+    crop on a 4:3 photo (no such square fits its area)."""
+    framed = build_train_transform(data_config, {"crop": "eval_framing", "hflip": 0.0, "color_jitter": 0.0})
+    crop, timm_eval = framed.transforms[0], build_eval_transform(data_config)
+    square = build_train_transform(data_config, {"scale": (0.765625, 0.765625), "ratio": (1.0, 1.0)}).transforms[0]
+    to_float = transforms.Compose(framed.transforms[-2:])
+
+    def centred(photo: Image.Image, side: int) -> torch.Tensor:
+        width, height = photo.size
+        left, top = (width - side) // 2, (height - side) // 2
+        return to_float(photo.crop((left, top, left + side, top + side)).resize((96, 96), Image.BICUBIC))
+
+    random.seed(0)
+    for photo in photos:
+        boxes = {crop.get_params(photo) for _ in range(50)}
+        width, height = photo.size
+        assert all(h == w and 0 <= t <= height - h and 0 <= left <= width - w for t, left, h, w in boxes)
+        assert len(boxes) > 10, photo.size
+        # Its side is the evaluation's framing: the centred square, resized, is timm's evaluation image up to
+        # resampling, 1.5 times as close as squares 5 % smaller or larger, 2.5 times the whole short side.
+        side, short = next(iter(boxes))[2], min(photo.size)
+        distance = {s: (centred(photo, s) - timm_eval(photo)).abs().mean() for s in (side, int(side * 0.95), short)}
+        larger = min(int(side * 1.05), short)
+        distance[larger] = (centred(photo, larger) - timm_eval(photo)).abs().mean()
+        assert 1.5 * distance[side] < min(distance[int(side * 0.95)], distance[larger]), (photo.size, distance)
+        assert 2.5 * distance[side] < distance[short], (photo.size, distance)
+    assert len({square.get_params(photos[0], square.scale, square.ratio) for _ in range(50)}) == 1
+
+
+def test_crop_settings_are_checked_and_a_regime_s_eval_framing_drops_the_shared_ranges():
+    shared = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333], "hflip": 0.5}
+    merged = merge_augment(shared, {"crop": "eval_framing", "hflip": 0.0, "scale": None})
+    assert merged == {"crop": "eval_framing", "hflip": 0.0}
+    assert merge_augment(shared, {"scale": [0.35, 1.0]})["scale"] == (0.35, 1.0)
+    with pytest.raises(
+        ConfigError, match=r"regime\.augment\.scale is not used with regime\.augment\.crop=eval_framing"
+    ):
+        merge_augment(shared, {"crop": "eval_framing", "scale": [0.5, 1.0]})
+    with pytest.raises(ConfigError, match=r"data\.augment\.crop='centre' is not one of"):
+        merge_augment({"crop": "centre"}, {})
 
 
 def test_an_augmentation_without_a_tensor_counterpart_is_said_not_run(data_config):

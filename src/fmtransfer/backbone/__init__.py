@@ -20,6 +20,7 @@ from fmtransfer.backbone.transforms import (
     augment_settings,
     build_eval_transform,
     build_train_transform,
+    merge_augment,
     resolve_data_config,
 )
 from fmtransfer.backbone.weights import (
@@ -52,6 +53,7 @@ __all__ = [
     "describe_backbone",
     "describe_levels",
     "load_weights",
+    "merge_augment",
     "parse_levels",
     "resolve_data_config",
     "resolve_weights_source",

@@ -21,10 +21,10 @@ from fmtransfer.backbone import (
     FeatureMapExtractor,
     LevelInfo,
     SeededView,
-    augment_settings,
     build_eval_transform,
     build_train_transform,
     describe_backbone,
+    merge_augment,
     resolve_data_config,
 )
 from fmtransfer.backbone.tensor_transforms import JpegEval
@@ -97,8 +97,7 @@ class RunContext:
         settings (those not null) over it. Every regime that trains on images, or on cached views of them, uses it."""
         shared = OmegaConf.to_container(self.cfg.data.get("augment") or {}, resolve=True)
         own = OmegaConf.to_container(self.cfg.get("regime", {}).get("augment") or {}, resolve=True)
-        own = {key: value for key, value in own.items() if value is not None}  # null: data.augment's
-        return {**augment_settings(shared), **augment_settings(own, "regime.augment")}
+        return merge_augment(shared, own)  # null: data.augment's
 
     def lazy_extractor(self, cache_spec: CacheSpec) -> Callable[[], FeatureMapExtractor]:
         """A builder of the backbone's extractor for ``cache_spec``'s levels that builds it on its first call only
