@@ -34,9 +34,10 @@ TINY = [
     "regimes.finetune.min_steps=2",
     "regimes.scratch.min_steps=2",
     "trainer.progress_bar=false",
-    # Selection: 2 folds of the k shots per regime, one frozen candidate (test_selection covers sweeps): Head2Toe's
-    # selection head, whose kept features the report tables.
+    # Selection: 2 folds of the k shots per regime, one candidate each (test_selection covers sweeps): frozen Head2Toe's
+    # selection head, whose kept features the report tables; finetune the first of the CPU preset's two rates.
     "compare.sweep.frozen=[['head.name=selective']]",
+    "compare.sweep.finetune=[['regime.backbone_lr=0.00001']]",
     "compare.selection.folds=2",
 ]
 FOLD_RUNS = 2 * 4 * 2  # shots settings x regimes x folds
