@@ -25,11 +25,12 @@ from fmtransfer.backbone.weights import load_weights, resolve_weights_source
 from fmtransfer.heads.fit import fit_regularised_probe
 from fmtransfer.heads.heads import LinearProbeHead
 
-NAME, CROP_PCT = "tf_efficientnet_lite0", 0.875
+NAME = "tf_efficientnet_lite0"
 
 
 def pre_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    images = (images - 0.5) / 0.5  # lite0's mean and std
+    cfg = model.pretrained_cfg
+    images = (images - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]
     with torch.no_grad():
         return torch.cat([model.forward_head(model.forward_features(b), pre_logits=True) for b in images.split(256)])
 
@@ -44,7 +45,7 @@ def main() -> None:
     model = timm.create_model(NAME)
     load_weights(model, NAME, resolve_weights_source(NAME))
     model.eval()
-    resized = F.interpolate(pixels, size=int(size / CROP_PCT), mode="bicubic")
+    resized = F.interpolate(pixels, size=int(size / model.pretrained_cfg["crop_pct"]), mode="bicubic")
     off = (resized.shape[-1] - size) // 2
     framings = {
         "evaluation (resize, centre crop)": pre_logits(model, resized[..., off : off + size, off : off + size]),
