@@ -20,6 +20,7 @@ from fmtransfer.data.splits import cv_folds_for, stratified_folds
 from fmtransfer.errors import ConfigError
 from fmtransfer.regimes import load_data, run_regime
 from fmtransfer.regimes.run import for_run_dir
+from fmtransfer.report.render import sweep_table
 from fmtransfer.report.runs import run_config
 from fmtransfer.report.selection import cv_settings, select, with_overrides
 from fmtransfer.training.instantiate import instantiate_training
@@ -126,6 +127,33 @@ def _content_key(image) -> int:
     return int(hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:8], 16)
 
 
+class FixedPredictions:
+    """The run scheduler's interface with no training: each run's record is per-image probabilities at epoch 0
+    (uniform) and epoch 3 (0.9 on the predicted class), in validation order, with the rows' pool indices, as the fit
+    loop writes them; ``right(lr, key)`` says whether the candidate with ``head.lr`` lr is right on the image with
+    content key ``key`` (a wrong prediction is the next class). Records each run's label in submission order."""
+
+    def __init__(self, right):
+        self.right, self.labels = right, []
+
+    def submit(self, label, run_cfg, run_dir) -> Future:
+        self.labels.append(label)
+        data = load_data(run_cfg)
+        val = data.splits["validation"]
+        labels = np.asarray(val["label"])
+        correct = np.array([self.right(float(run_cfg.head.lr), _content_key(im)) for im in val["image"]])
+        pred = np.where(correct, labels, (labels + 1) % 10)
+        trained = np.full((len(val), 10), 0.1 / 9)
+        trained[np.arange(len(val)), pred] = 0.9
+        probs = np.stack([np.full((len(val), 10), 0.1), trained])
+        rows = data.validation_rows if data.validation_rows is not None else np.arange(len(val))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(run_dir / "val.npz", epochs=np.array([0, 3]), probs=probs, labels=labels, rows=rows)
+        future = Future()
+        future.set_result({"val_curve": "val.npz", "train_seconds": 1.0, "planned_epochs": 5})
+        return future
+
+
 def test_a_tiny_validation_split_misleads_and_cross_validation_does_not(tmp_path):
     """Two candidates with known per-image behaviour on real digits: A is right on ~90% of images, B on ~80% but on
     every image of a 14-image validation split (what a lucky candidate looks like on tiny validation). Scored on that
@@ -143,34 +171,12 @@ def test_a_tiny_validation_split_misleads_and_cross_validation_does_not(tmp_path
             return key % 10 != 0 and key != first_val
         return key in tiny_val or key % 5 != 0  # B: ~80% right, every validation image right
 
-    def run(label, run_cfg, run_dir):
-        """A selection run's record: per-image probabilities at epoch 0 (uniform) and epoch 3 (0.9 on the predicted
-        class), in validation order, with the rows' pool indices, as the fit loop writes them."""
-        data = load_data(run_cfg)
-        val = data.splits["validation"]
-        labels = np.asarray(val["label"])
-        correct = np.array([right(float(run_cfg.head.lr), _content_key(im)) for im in val["image"]])
-        pred = np.where(correct, labels, (labels + 1) % 10)
-        trained = np.full((len(val), 10), 0.1 / 9)
-        trained[np.arange(len(val)), pred] = 0.9
-        probs = np.stack([np.full((len(val), 10), 0.1), trained])
-        rows = data.validation_rows if data.validation_rows is not None else np.arange(len(val))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(run_dir / "val.npz", epochs=np.array([0, 3]), probs=probs, labels=labels, rows=rows)
-        return {"val_curve": "val.npz", "train_seconds": 0.0, "planned_epochs": 5}
-
-    class Inline:  # the scheduler's interface, the run done at once
-        def submit(self, *args) -> Future:
-            future = Future()
-            future.set_result(run(*args))
-            return future
-
     tiny_cfg = copy.deepcopy(cfg)
     tiny_cfg.compare.selection.min_scored = 0
-    on_tiny = select(tiny_cfg, "frozen", "all", tmp_path / "tiny", Inline(), base)
+    on_tiny = select(tiny_cfg, "frozen", "all", tmp_path / "tiny", FixedPredictions(right), base)
     assert on_tiny.protocol == "validation" and on_tiny.folds == 1 and on_tiny.n_scored == 14
     assert on_tiny.overrides == ["head.lr=0.002"], "the tiny split picks the lucky candidate"
-    cv = select(cfg, "frozen", "all", tmp_path / "cv", Inline(), base)
+    cv = select(cfg, "frozen", "all", tmp_path / "cv", FixedPredictions(right), base)
     assert cv.protocol == "cv" and cv.folds == 3 and cv.n_scored == 1438 and cv.n_scored >= 200
     assert cv.overrides == ["head.lr=0.001"], "cross-validation over the pool picks the better candidate"
     a, b = (c["score"] for c in cv.candidates)
@@ -185,6 +191,48 @@ def test_a_tiny_validation_split_misleads_and_cross_validation_does_not(tmp_path
     assert cv.candidates[0]["vs_chosen"] == {"diff": 0.0, "se": 0.0}
     assert cv.candidates[1]["vs_chosen"]["diff"] == pytest.approx(b - a, abs=1e-6)
     assert cv.candidates[1]["vs_chosen"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)), abs=1e-6)
+
+
+def test_a_race_drops_after_the_first_fold_only_a_candidate_clearly_behind(tmp_path):
+    """Three candidates with fixed per-image behaviour on real digits: A and C right on ~90% of images (on different
+    ones), B on ~80%. With the race on, every candidate's first fold runs first; B, about 10 points behind on its
+    ~480 images (several paired SEs), runs no other fold and is listed as dropped, with its first-fold score, epoch
+    and paired difference from the best there (checked against numpy on the fold's predictions); A and C, level,
+    run every fold and are scored as without a race."""
+    sweep = "compare.sweep.frozen=[['head.lr=0.001'],['head.lr=0.002'],['head.lr=0.003']]"
+    overrides = ["compare.seeds=[0]", "compare.shots=[all]", "data.val_fraction=0.01", f"paths.data_dir={tmp_path}"]
+    cfg = resolve_preset([*overrides, sweep, "compare.selection.race=[frozen]"])
+    base = run_config(cfg, "frozen", 0, "all")
+
+    def right(candidate: float, key: int) -> bool:
+        return {0.001: key % 10 != 0, 0.002: key % 5 != 0, 0.003: key % 10 != 1}[candidate]
+
+    scheduler = FixedPredictions(right)
+    sel = select(cfg, "frozen", "all", tmp_path / "race", scheduler, base)
+    assert [label.split(", ", 2)[-1] for label in scheduler.labels[:3]] == [
+        f"candidate {c}/3, fold 1/3" for c in (1, 2, 3)
+    ], "the first fold of every candidate runs first"
+    assert len(scheduler.labels) == 7 and not any("candidate 2/3, fold" in s for s in scheduler.labels[3:])
+    a, b, c = sel.candidates
+    assert "dropped" not in a and "dropped" not in c and len(a["run_dirs"]) == len(c["run_dirs"]) == 3
+    assert sel.overrides in (a["overrides"], c["overrides"]) and sel.n_scored == 1438 and sel.seconds == 7.0
+    first = {}
+    for i in range(3):
+        with np.load(tmp_path / "race" / f"candidate{i}-fold0" / "val.npz") as z:
+            first[i] = z["probs"][1].argmax(1) == z["labels"]
+    best = max((0, 2), key=lambda i: first[i].mean())
+    d = first[1].astype(float) - first[best]
+    assert b["dropped"] == {
+        "after_folds": 1,
+        "score": pytest.approx(first[1].mean(), abs=1e-6),
+        "best_score": pytest.approx(first[best].mean(), abs=1e-6),
+        "diff": pytest.approx(d.mean(), abs=1e-6),
+        "se": pytest.approx(d.std(ddof=1) / np.sqrt(len(d)), abs=1e-6),
+        "epoch": 3,
+    }
+    assert -d.mean() > 2 * b["dropped"]["se"] and b["run_dirs"] == [str(tmp_path / "race" / "candidate1-fold0")]
+    rows = sweep_table({"runs": [{"regime": "frozen", "shots_per_class": "all", "selection": sel.as_record()}]}, "all")
+    assert rows[2][2].startswith("dropped after fold 1") and rows[2][4].startswith(f"fold 1: {d.mean():+.3f}")
 
 
 def test_a_sweep_override_of_an_unknown_setting_is_a_config_error():

@@ -80,6 +80,11 @@ def test_partial_on_cached_views_reads_no_image_once_they_are_built(tmp_path, co
     assert count_image_reads and lighter["regime_config"]["augment"]["scale"] == [0.5, 1.0]
     manifests = [p.read_text() for p in (tmp_path / "data" / "cache").glob("*/train-*/manifest.json")]
     assert sum("SeededView(view=" in m for m in manifests) == 4 and sum("0.5, 1.0" in m for m in manifests) == 2
+    # partial's own image size: its views (and maps and probe) extracted at that size, in entries of their own.
+    sized = run_regime(compose_config([*overrides, "regime.image_size=48"]), tmp_path / "sized")
+    assert sized["image_size"] == [3, 48, 48] and first["image_size"] == [3, 32, 32]
+    manifests = [p.read_text() for p in (tmp_path / "data" / "cache").glob("*/train-*/manifest.json")]
+    assert sum("SeededView(view=" in m for m in manifests) == 6
     # A refit that cross-validation sent to epoch 0 keeps its start: it builds no views for training it will not do.
     refit = [*overrides, "data.cv.refit=true", "data.cv.epochs=0", "regime.view_seed=5"]
     kept = run_regime(compose_config(refit), tmp_path / "kept")

@@ -48,6 +48,7 @@ class BackboneTraining:
     drop_path_rate: float  # stochastic depth in the trainable backbone, where the model has it
     label_smoothing: float
     augment: dict  # this regime's training images: each setting not None replaces data.augment's
+    image_size: int | None  # None: the same preprocessing as the frozen regime
 
     def settings(self) -> dict:
         """The regime's settings, as ``metrics.json`` records them."""
@@ -169,7 +170,6 @@ def decode_once_bytes(setting, resident_bytes: int) -> int:
 class WholeBackboneRegime(BackboneTraining):
     """The whole backbone and a linear head, trained on augmented images."""
 
-    image_size: int | None  # None: the same preprocessing as the frozen regime
     pretrained: ClassVar[bool] = True
 
     def probe_init(self) -> bool:

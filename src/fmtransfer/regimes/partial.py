@@ -52,7 +52,7 @@ class PartialRegime(BackboneTraining):
     view_seed: int = 0  # the views' draws: fixed across training seeds, so every run reuses the same views
 
     def run(self, cfg: DictConfig, run_dir: Path, tools: TrainingTools, callbacks: Sequence[pl.Callback] = ()) -> dict:
-        ctx = start_run(cfg, run_dir, tools)
+        ctx = start_run(cfg, run_dir, tools, image_size=self.image_size)
         level = split_level(list(ctx.spec.levels), self.k)
         head = pre_logits_head(ctx, probe_init=self.lp_init, regime=self.name)
         model, _ = ctx.spec.create(drop_path_rate=self.drop_path_rate)

@@ -278,7 +278,8 @@ def per_class_table(results: dict) -> list[list[str]] | None:
 
 def sweep_table(results: dict, shots: str) -> list[list[str]] | None:
     """Every candidate of each regime's sweep (regimes with more than one), scored on the same folds: its selection
-    score, epoch, and paired difference from the chosen candidate on the same images (± paired SE)."""
+    score, epoch, and paired difference from the chosen candidate on the same images (± paired SE); a candidate a
+    race dropped, its score, epoch and paired difference from the best on the first fold."""
     rows = [["regime", "candidate", "selection score", "epoch", "vs chosen (paired, ± SE)"]]
     seen = set()
     for r in results["runs"]:
@@ -289,11 +290,15 @@ def sweep_table(results: dict, shots: str) -> list[list[str]] | None:
         seen.add(r["regime"])
         chosen = (sel.get("settings") or {}).get("overrides")
         for c in candidates:
+            name = " ".join(c["overrides"]) or "configured"
+            if c.get("dropped"):
+                d = c["dropped"]
+                score = f"dropped after fold 1 ({d['score']:.3f} there)"
+                rows.append([r["regime"], name, score, str(d["epoch"]), f"fold 1: {d['diff']:+.3f} ± {d['se']:.3f}"])
+                continue
             vs = c.get("vs_chosen")
             versus = "chosen" if c["overrides"] == chosen else (f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs else "–")
-            rows.append(
-                [r["regime"], " ".join(c["overrides"]) or "configured", f"{c['score']:.3f}", str(c["epoch"]), versus]
-            )
+            rows.append([r["regime"], name, f"{c['score']:.3f}", str(c["epoch"]), versus])
     return rows if len(rows) > 1 else None
 
 
@@ -475,7 +480,10 @@ def optional_tables(results: dict, shots: str) -> list[tuple[str, list[list[str]
     the features a selecting head kept, the blocks Auto-RGN trained fastest."""
     tables = [
         (f"Per class: {results['verdict']['winner']} (test split, mean over seeds)", per_class_table(results)),
-        (f"Sweeps ({shots} shots): every candidate on the same folds", sweep_table(results, shots)),
+        (
+            f"Sweeps ({shots} shots): every candidate on the same folds (or dropped by the race)",
+            sweep_table(results, shots),
+        ),
         (f"Features the selective head kept ({shots} shots, final runs)", kept_features_table(results, shots)),
         (
             f"Auto-RGN's mean learning-rate multiplier by block ({shots} shots, final runs)",

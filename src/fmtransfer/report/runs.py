@@ -223,7 +223,7 @@ def depth_curve(records: list[dict]) -> dict | None:
     from fmtransfer.cache import CachedSplit
 
     frozen = next((r for r in records if r["regime"] == "frozen" and r["shots_per_class"] == "all"), None)
-    candidates = ((frozen or {}).get("selection") or {}).get("candidates") or []
+    candidates = [c for c in ((frozen or {}).get("selection") or {}).get("candidates") or [] if not c.get("dropped")]
     if not candidates:
         return None
     correct: dict[str, float] = {}

@@ -14,13 +14,18 @@ it, test once; and "true few-shot" selection: with k labels per class, only thos
 
 A candidate's epoch is the argmin of its validation loss over the pooled out-of-fold predictions (the fold-size-
 weighted mean of the folds' losses), over the epochs every fold validated; its score is ``compare.metric`` on those
-pooled predictions at that epoch. The best-scoring candidate wins. The final runs retrain on the whole pool for that
+pooled predictions at that epoch. The best-scoring candidate wins. A race (``compare.selection.race``: the regimes
+it applies to) runs every candidate's first fold first and drops those that trail the best there by more than
+``race_se`` paired standard errors (Maron & Moore's racing, with a paired z-test): they run no other fold, are not
+scored, and the report lists them as dropped. The final runs retrain on the whole pool for that
 many epochs on the folds' learning-rate schedule (``data.cv.horizon``), without validation, and touch the test split
 once; chosen epoch 0 means the start was kept and the final runs train 0 epochs.
 """
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +41,8 @@ from fmtransfer.regimes import load_data
 from fmtransfer.regimes.context import write_npz
 from fmtransfer.report.paired import metric_value, paired_se
 from fmtransfer.report.schedule import RunScheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,19 +211,33 @@ def select(
     candidates = candidates_of(cfg, regime)
     if protocol == "none":
         return Selection("none", metric, candidates[0])
-    # Every candidate's fold runs are submitted first: a scheduler with workers runs them side by side.
-    submitted = []
-    for c, overrides in enumerate(candidates):
-        cand = with_overrides(base, overrides)
-        for f in range(folds):
-            what = f"fold {f + 1}/{folds}" if protocol == "cv" else "validation"
-            label = f"select: {regime}, shots {shots}, candidate {c + 1}/{len(candidates)}, {what}"
-            if protocol == "cv":
-                cfg_run, run_dir = cv_settings(cand, folds=folds, fold=f), select_dir / f"candidate{c}-fold{f}"
-            else:
-                cfg_run, run_dir = cv_settings(cand, given_validation=True), select_dir / f"candidate{c}-val"
-            submitted.append((c, run_dir, runner.submit(label, cfg_run, run_dir)))
-    scored, seconds = [], 0.0
+    race = protocol == "cv" and len(candidates) > 1 and regime in (cfg.compare.selection.get("race") or [])
+
+    def submit(c: int, f: int) -> tuple[int, Path, Future]:
+        cand = with_overrides(base, candidates[c])
+        what = f"fold {f + 1}/{folds}" if protocol == "cv" else "validation"
+        label = f"select: {regime}, shots {shots}, candidate {c + 1}/{len(candidates)}, {what}"
+        if protocol == "cv":
+            cfg_run, run_dir = cv_settings(cand, folds=folds, fold=f), select_dir / f"candidate{c}-fold{f}"
+        else:
+            cfg_run, run_dir = cv_settings(cand, given_validation=True), select_dir / f"candidate{c}-val"
+        return c, run_dir, runner.submit(label, cfg_run, run_dir)
+
+    # Every candidate's fold runs are submitted first (a scheduler with workers runs them side by side); a race
+    # submits the first fold's, then the other folds of the candidates it kept.
+    submitted = [submit(c, f) for c in range(len(candidates)) for f in range(1 if race else folds)]
+    dropped: dict[int, dict] = {}
+    if race:
+        first = {c: (run_dir, future) for c, run_dir, future in submitted}
+        dropped = race_first_fold(first, metric, data.num_classes, float(cfg.compare.selection.race_se))
+        for c, record in dropped.items():
+            d = record["dropped"]
+            log.info(
+                f"select: {regime}, shots {shots}: candidate {c + 1} ({' '.join(candidates[c])}) dropped after fold 1: "
+                f"{metric} {d['score']:.3f} vs {d['best_score']:.3f}, {d['diff']:+.3f} ± {d['se']:.3f} (paired SE)"
+            )
+        submitted += [submit(c, f) for c in range(len(candidates)) if c not in dropped for f in range(1, folds)]
+    scored, records, seconds = [], [], 0.0
     complete = True
     for c, overrides in enumerate(candidates):
         curves, run_dirs, horizons = [], [], []
@@ -229,6 +250,9 @@ def select(
             run_dirs.append(str(run_dir))
             horizons.append(int(metrics.get("planned_epochs") or 0))
             seconds += float(metrics.get("total_seconds") or metrics["train_seconds"])
+        if c in dropped:
+            records.append({"overrides": overrides, **dropped[c], "run_dirs": run_dirs})
+            continue
         if len(curves) < folds:
             continue
         curve = candidate_curve(curves, data.num_classes)
@@ -248,6 +272,7 @@ def select(
                 "_curve": curve,
             }
         )
+        records.append(scored[-1])
     if not scored:
         return Selection(protocol, metric, candidates[0], folds=folds, complete=False)
     chosen = max(scored, key=lambda s: s["score"])  # max keeps the first of equal scores: the sweep's first entry
@@ -266,11 +291,43 @@ def select(
         epochs=chosen["epoch"],
         horizon=chosen["horizon"],
         kept_start=chosen["epoch"] == 0,
-        candidates=scored,
+        candidates=records,
         seconds=seconds,
         complete=complete,
         oof=chosen["oof"],
     )
+
+
+def race_first_fold(first: dict[int, tuple[Path, Future]], metric: str, num_classes: int, z: float) -> dict[int, dict]:
+    """The candidates a race drops after the first fold (``first``: candidate -> its first fold's run directory and
+    future): those whose ``metric`` there, at the epoch of their lowest loss on that fold, trails the best
+    candidate's by more than ``z`` paired standard errors on the same images. Returns candidate -> ``{"dropped":
+    {"after_folds": 1, "score", "best_score", "diff", "se", "epoch"}}``; a fold the time budget stopped races
+    nothing."""
+    curves = {}
+    for c, (run_dir, future) in first.items():
+        metrics = future.result()
+        if metrics is None:
+            return {}
+        curves[c] = candidate_curve([read_curve(run_dir, metrics)], num_classes)
+    best = max(curves, key=lambda c: curves[c]["scores"][metric])  # the first of equal scores
+    best_preds = curves[best]["probs"].argmax(1)
+    out = {}
+    for c, curve in curves.items():
+        diff = curve["scores"][metric] - curves[best]["scores"][metric]
+        se = paired_se(metric, curve["labels"], curve["probs"].argmax(1), best_preds, num_classes)
+        if c != best and -diff > z * se:
+            out[c] = {
+                "dropped": {
+                    "after_folds": 1,
+                    "score": round(curve["scores"][metric], 6),
+                    "best_score": round(curves[best]["scores"][metric], 6),
+                    "diff": round(diff, 6),
+                    "se": round(se, 6),
+                    "epoch": curve["epoch"],
+                }
+            }
+    return out
 
 
 def compare_candidates(scored: list[dict], chosen: dict, metric: str, num_classes: int, select_dir: Path) -> None:
