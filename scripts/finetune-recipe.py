@@ -101,6 +101,7 @@ def main(argv: list[str]) -> None:
         "compare.seeds=[0]",
         f"compare.shots=[{shots}]",
         sweep_override(variants, regime),
+        "compare.selection.race=[]",  # every variant on every fold: the table compares them all
         *extra,
     ]
     report_dir = run_comparison(resolve_preset(overrides), Path(__file__).resolve().parents[1])
