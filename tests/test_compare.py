@@ -373,6 +373,10 @@ def test_an_unknown_compare_metric_is_refused_before_any_run():
     with pytest.raises(FmtransferError, match=r"compare\.metric=auc is not known"):
         resolve_preset(["compare.metric=auc"])
     assert resolve_preset(["compare.metric=balanced_acc"]).compare.metric == "balanced_acc"
+    with pytest.raises(FmtransferError, match=r"compare\.selection\.race has \['finetun'\]"):
+        resolve_preset(["compare.selection.race=[finetun]"])
+    with pytest.raises(FmtransferError, match=r"compare\.selection\.race_se=-1\.0 must be a number"):
+        resolve_preset(["compare.selection.race_se=-1.0"])
 
 
 def test_an_experiments_cpu_preset_keeps_the_cpu_selection():

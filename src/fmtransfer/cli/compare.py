@@ -41,6 +41,7 @@ def resolve_preset(overrides: list[str]) -> DictConfig:
         raise FmtransferError(
             f"compare.metric={final.compare.metric} is not known; choose one of {list(METRIC_NAMES)}."
         )
+    check_race(final)
     if final.compare.name is None:
         final.compare.name = dataset_name(str(final.data.path))
     # A user's override wins over the sweep: candidates no longer set what the command line set.
@@ -63,6 +64,18 @@ def budget_links(cfg: DictConfig) -> list[str]:
             raise FmtransferError(f"compare.budget_of: {regime}: {source} names a regime not in {sorted(cfg.regimes)}.")
         links += [f"regimes.{regime}.{key}=${{regimes.{source}.{key}}}" for key in BUDGET_KEYS]
     return links
+
+
+def check_race(cfg: DictConfig) -> None:
+    """``compare.selection.race`` names regimes of the comparison's config and ``race_se`` is a number >= 0 (before
+    any run, not when the first sweep is raced)."""
+    sel = cfg.compare.selection
+    unknown = sorted(set(sel.get("race") or []) - set(cfg.regimes))
+    if unknown:
+        raise FmtransferError(f"compare.selection.race has {unknown}; choose from {sorted(cfg.regimes)} or give [].")
+    z = sel.get("race_se")
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or z < 0:
+        raise FmtransferError(f"compare.selection.race_se={z!r} must be a number of standard errors >= 0 (e.g. 2.0).")
 
 
 def dataset_name(path: str) -> str:
