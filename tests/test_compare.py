@@ -109,6 +109,12 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
         assert cells[6] == "60" and cells[8] == f"{by[shots]['trainable_params']:,}"
         kept = sum(r["selected"].startswith("initial") for r in regime_runs)
         assert by[shots]["kept_start"] == kept and cells[-1] == f"{kept}/2"
+        a = (by[shots].get("test_vs_start") or {}).get("acc")
+        if a:
+            lo, hi = (f"{v * 100:+.1f}" for v in a["ci95"])
+            assert cells[-2] == f"{a['diff'] * 100:+.1f} [{lo}, {hi}] (start {a['start']:.3f})"
+        else:
+            assert cells[-2] == "–"
     assert results["verdict"]["winner"] in md.split("## Setup")[0]
     kept = next(r for r in runs if r["regime"] == "frozen" and r["shots_per_class"] == shots)["head"]["kept"]
     table = md.split(f"## Features the selective head kept ({shots} shots, final runs)")[1].split("\n## ")[0]
@@ -158,6 +164,31 @@ def test_comparison_report_matches_results_and_resumes(comparison, capsys, monke
     assert all([row["label"] for row in t] == [row["label"] for row in tables[0]] for t in tables)
     for r, t in zip(runs, tables, strict=True):
         assert sum(row["label"] == row["pred"] for row in t) / 359 == pytest.approx(r["test"]["acc"], abs=1e-6)
+    # A final run that trained from a probe (partial, finetune) scored that probe on test first, a reference: its own
+    # file on the same images; the summary pairs each seed's final model with its start. Frozen heads and scratch
+    # start from no probe; a run that kept its start is its start.
+    for r in runs:
+        from_probe = r["regime"] in ("partial", "finetune") and r["epochs"] > 0
+        assert bool(r["start_test_predictions"]) == from_probe == (r["start_test"] is not None), r["regime"]
+        if from_probe:
+            t = list(csv.DictReader(Path(r["start_test_predictions"]).read_text().splitlines()))
+            assert [row["label"] for row in t] == [row["label"] for row in tables[0]]
+            assert sum(row["label"] == row["pred"] for row in t) / 359 == pytest.approx(
+                r["start_test"]["acc"], abs=1e-6
+            )
+    against = []
+    for regime, by in results["summary"].items():
+        for k, s in by.items():
+            group = [r for r in runs if r["regime"] == regime and r["shots_per_class"] == k]
+            if not all(r["start_test_predictions"] for r in group):
+                assert "test_vs_start" not in s
+                continue
+            a = s["test_vs_start"]["acc"]
+            assert a["start"] == pytest.approx(np.mean([r["start_test"]["acc"] for r in group]), abs=1e-5)
+            assert a["final"] == pytest.approx(np.mean([r["test"]["acc"] for r in group]), abs=1e-5)
+            assert a["diff"] == pytest.approx(a["final"] - a["start"]) and a["ci95"][0] <= a["diff"] <= a["ci95"][1]
+            against.append((regime, k))
+    assert against, "at least one live regime trained from its probe in this comparison"
     html = (report_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
     assert not re.search(r"src=['\"](?!data:)", html), "the HTML must be standalone"
@@ -321,6 +352,14 @@ def test_verdict_says_whether_a_trained_regime_gained_on_its_start():
     assert (
         "finetune trained past its linear-probe start: selection accuracy 0.920 at the chosen epoch against its "
         "start's 0.900 on the same held-out images (+2.0 points, paired SE 1.5: more than one SE)." in text
+    )
+    assert "On test" not in text  # no start scored on test: nothing said about it
+    against = {"start": 0.93, "final": 0.94, "diff": 0.01, "ci95": [-0.005, 0.025], "p_value": 0.2}
+    summary["finetune"]["all"]["test_vs_start"] = {"acc": against}
+    assert (
+        "(+2.0 points, paired SE 1.5: more than one SE). On test, for reference (the start scored in the same final "
+        "runs, before training; nothing was chosen by it): 0.940 against its start's 0.930, +1.0 points (95% interval "
+        "-0.5 to +2.5)." in verdict_text(verdict(summary), summary)
     )
     assert "partial trained past" not in text and "frozen trained past" not in text
     summary["finetune"]["all"]["selection"]["candidates"][1]["gain_se"] = {"acc": 0.03}

@@ -136,6 +136,41 @@ def test_a_resumed_run_compares_against_the_score_of_its_true_start(tmp_path):
     assert results["selected"].startswith("initial state")
 
 
+class DropoutOnLevels(torch.nn.Module):
+    """Dropout on every level's features: a module whose outputs differ between train and eval mode."""
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: torch.nn.functional.dropout(v, 0.5, self.training) for k, v in inputs.items()}
+
+
+def test_a_refit_scores_its_start_on_test_first_and_then_trains_as_without(tmp_path):
+    """``test_start``: the starting weights' test outputs are the untrained module's own (computed here directly), and
+    the pass changes nothing after it: the train mode is restored (dropout on), so training and the final test give
+    exactly what a refit without it gives. 0 epochs to train: the start is the model, no second pass."""
+
+    def refit(name: str, epochs: int = 2, **kwargs) -> dict:
+        tools = tools_for(tmp_path / name)
+        start = module(lr=0.05)
+        start.features = DropoutOnLevels()
+        trainer = tools.fit_trainer(epochs=epochs, validate=False)
+        return fit_select_test(trainer, start, digits_datamodule(tools.placement), 0, refit=True, **kwargs)
+
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.from_numpy((d.data[800:1000] / 16.0).astype(np.float32)), torch.from_numpy(d.target[800:1000])
+    with torch.no_grad():
+        expected = module(lr=0.05).head({"pixels": x}).softmax(-1)
+    scored, plain = refit("scored", test_start=True), refit("plain")
+    start = scored["start_test_predictions"]
+    assert torch.equal(start["label"], y) and torch.allclose(start["prob"], expected, atol=1e-6)
+    assert scored["start_test"]["acc"] == pytest.approx(float((expected.argmax(-1) == y).float().mean()), abs=1e-6)
+    assert torch.equal(scored["test_predictions"]["prob"], plain["test_predictions"]["prob"])
+    assert scored["test"] == plain["test"] and scored["test"]["acc"] > scored["start_test"]["acc"] + 0.3
+    assert "start_test" not in plain and scored["phase_seconds"]["start_score"] > 0
+    assert "start_test" not in refit("none", epochs=0, test_start=True)
+
+
 @pytest.mark.parametrize(
     ("regime", "kind", "extra"),
     [

@@ -295,6 +295,7 @@ class RunContext:
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
             "seed": self.seed,
             "test_confusion": results["test_confusion"],
+            "start_test": results.get("start_test"),
             "best_checkpoint": results["best_checkpoint"],
             "selected": results["selected"],
             # Epochs trained when validation was best (0: the start was kept); cross-validation's refit epochs.
@@ -308,6 +309,10 @@ class RunContext:
             if predictions is not None:
                 write_test_predictions(self.run_dir / PREDICTIONS_FILE, predictions, self.data.class_names)
                 metrics["test_predictions"] = PREDICTIONS_FILE
+            start = results.get("start_test_predictions")
+            if start is not None:  # the starting weights on test, before training (a reference nothing chose by)
+                write_test_predictions(self.run_dir / START_PREDICTIONS_FILE, start, self.data.class_names)
+                metrics["start_test_predictions"] = START_PREDICTIONS_FILE
             curve = results.get("val_curve")
             if curve is not None:
                 rows = self.data.validation_rows
@@ -322,6 +327,7 @@ class RunContext:
 
 
 PREDICTIONS_FILE = "test_predictions.csv"
+START_PREDICTIONS_FILE = "start_test_predictions.csv"
 LEAKAGE_FILE = "leakage_pairs.csv"
 # Per-image validation probabilities at every validated epoch (0: the start): epochs, probs, labels, rows (pool index).
 VAL_CURVE_FILE = "val_predictions.npz"

@@ -58,6 +58,10 @@ class BackboneTraining:
         """Whether each backbone tensor's learning rate follows its relative gradient norm (``RelativeGradNormLR``)."""
         return False
 
+    def probe_init(self) -> bool:
+        """Whether the head starts as a linear probe on the frozen features (LP-FT's start)."""
+        return False
+
     def fit(
         self,
         ctx: RunContext,
@@ -98,8 +102,15 @@ class BackboneTraining:
         )
         callbacks = [*callbacks, rgn] if rgn is not None else callbacks
         trainer = ctx.tools.fit_trainer(epochs, callbacks, trains_backbone=True, validate=not ctx.refit)
+        # A final run from a probe scores that probe on test too: what training changed there, for the report.
         results = fit_select_test(
-            trainer, module, datamodule, ctx.seed, refit=ctx.refit, evaluate_test=ctx.tools.evaluate_test
+            trainer,
+            module,
+            datamodule,
+            ctx.seed,
+            refit=ctx.refit,
+            evaluate_test=ctx.tools.evaluate_test,
+            test_start=ctx.refit and ctx.tools.evaluate_test and self.probe_init(),
         )
         if rgn is not None:
             results["auto_rgn"] = rgn.mean_multipliers()
@@ -171,9 +182,6 @@ class WholeBackboneRegime(BackboneTraining):
     """The whole backbone and a linear head, trained on augmented images."""
 
     pretrained: ClassVar[bool] = True
-
-    def probe_init(self) -> bool:
-        return False
 
     def tune(self, model: nn.Module) -> nn.Module:
         """``model`` with the parameters this regime trains marked trainable (here: all of them)."""

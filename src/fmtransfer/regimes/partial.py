@@ -51,10 +51,13 @@ class PartialRegime(BackboneTraining):
     views: int = 0  # cached augmented views of each training image (0: the un-augmented maps)
     view_seed: int = 0  # the views' draws: fixed across training seeds, so every run reuses the same views
 
+    def probe_init(self) -> bool:
+        return self.lp_init
+
     def run(self, cfg: DictConfig, run_dir: Path, tools: TrainingTools, callbacks: Sequence[pl.Callback] = ()) -> dict:
         ctx = start_run(cfg, run_dir, tools, image_size=self.image_size)
         level = split_level(list(ctx.spec.levels), self.k)
-        head = pre_logits_head(ctx, probe_init=self.lp_init, regime=self.name)
+        head = pre_logits_head(ctx, probe_init=self.probe_init(), regime=self.name)
         model, _ = ctx.spec.create(drop_path_rate=self.drop_path_rate)
         suffix = build_suffix(model, level).requires_grad_(True)
         views: list[CacheResult] = []  # the cached augmented views this run trains on, if any

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.errors import ConfigError
 from fmtransfer.report.environment import describe_environment
-from fmtransfer.report.paired import bootstrap_interval, read_predictions
+from fmtransfer.report.paired import bootstrap_interval, metric_value, paired_difference, read_predictions
 from fmtransfer.report.render import write_report
 from fmtransfer.report.runs import depth_curve, report_dir_for, run_all, shots_key
 from fmtransfer.report.stats import summarise_runs
@@ -21,22 +21,52 @@ from fmtransfer.report.verdict import headline_shots, paired_inputs, verdict
 log = logging.getLogger(__name__)
 
 
-def test_predictions(records: list[dict], class_names: list[str]) -> tuple[np.ndarray | None, dict]:
-    """``(labels, {regime: {shots: [per-seed preds]}})`` from the runs' ``test_predictions.csv`` (runs without one,
-    e.g. under DDP, are left out; labels are the same for every run, which is checked)."""
+def test_predictions(
+    records: list[dict], class_names: list[str], field: str = "test_predictions"
+) -> tuple[np.ndarray | None, dict]:
+    """``(labels, {regime: {shots: [per-seed preds]}})`` from the runs' ``test_predictions.csv`` (``field``: or
+    another per-image file of the test split a record names; runs without one, e.g. under DDP, are left out; labels
+    are the same for every run, which is checked)."""
     labels, preds = None, {}
     for rec in records:
-        if not rec.get("test_predictions") or not Path(rec["test_predictions"]).is_file():
+        if not rec.get(field) or not Path(rec[field]).is_file():
             continue
-        run_labels, run_preds = read_predictions(Path(rec["test_predictions"]), class_names)
+        run_labels, run_preds = read_predictions(Path(rec[field]), class_names)
         if labels is None:
             labels = run_labels
         elif not np.array_equal(labels, run_labels):
-            raise ConfigError(
-                f"{rec['test_predictions']}: its test labels differ from the other runs' (not the same split)"
-            )
+            raise ConfigError(f"{rec[field]}: its test labels differ from the other runs' (not the same split)")
         preds.setdefault(rec["regime"], {}).setdefault(rec["shots_per_class"], []).append(run_preds)
     return labels, preds
+
+
+def test_against_start(records: list[dict], class_names: list[str], metrics: list[str]) -> dict:
+    """``{regime: {shots: {metric: {"start", "final", "diff", "ci95", "p_value"}}}}``: each (regime, shots) whose
+    every final run also scored its start on test (a run that trained from a probe), the final runs against their
+    own starts on the same test images, seeds paired (a reference: nothing is chosen by it)."""
+    groups: dict = {}
+    for rec in records:
+        groups.setdefault((rec["regime"], rec["shots_per_class"]), []).append(rec)
+    out: dict = {}
+    for (regime, shots), recs in groups.items():
+        if not all(r.get("start_test_predictions") and r.get("test_predictions") for r in recs):
+            continue
+        labels, final = test_predictions(recs, class_names)
+        start_labels, start = test_predictions(recs, class_names, "start_test_predictions")
+        if labels is None or start_labels is None or not np.array_equal(labels, start_labels):
+            continue
+        a, b = np.stack(final[regime][shots]), np.stack(start[regime][shots])
+        if len(a) != len(b):  # a prediction file missing: no pairing of seeds
+            continue
+        out.setdefault(regime, {})[shots] = {
+            m: {
+                "start": float(np.mean([metric_value(m, labels, p, len(class_names)) for p in b])),
+                "final": float(np.mean([metric_value(m, labels, p, len(class_names)) for p in a])),
+                **paired_difference(m, labels, a, b, len(class_names)),
+            }
+            for m in metrics
+        }
+    return out
 
 
 def out_of_fold(records: list[dict], shots: str) -> dict:
@@ -78,6 +108,9 @@ def decide(results: dict, metric: str) -> None:
             summary[regime][shots]["test_bootstrap"] = {
                 m: bootstrap_interval(m, labels, np.stack(seeds), len(class_names)) for m in sorted({"acc", metric})
             }
+    for regime, by_shots in test_against_start(results["runs"], class_names, sorted({"acc", metric})).items():
+        for shots, against in by_shots.items():
+            summary[regime][shots]["test_vs_start"] = against
     shots = headline_shots(summary)
     paired = (
         paired_inputs(labels, len(class_names), {r: by.get(shots, []) for r, by in preds.items()})

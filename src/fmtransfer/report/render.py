@@ -100,10 +100,17 @@ def verdict_text(verdict: dict, summary: dict) -> str:
         if regime in STARTS_AS_PROBE and epochs and gain:
             score, start, se = gain
             clear = "more than" if score - start > se else "within"
+            against = (row.get("test_vs_start") or {}).get(metric)
+            on_test = (
+                f" On test, for reference (the start scored in the same final runs, before training; nothing was "
+                f"chosen by it): {against_start_text(against)}."
+                if against
+                else ""
+            )
             lines.append(
                 f"{regime} trained past its linear-probe start: selection {label} {score:.3f} at the chosen epoch "
                 f"against its start's {start:.3f} on the same held-out images ({(score - start) * 100:+.1f} points, "
-                f"paired SE {se * 100:.1f}: {clear} one SE)."
+                f"paired SE {se * 100:.1f}: {clear} one SE).{on_test}"
             )
     if verdict["best_on_test"] != winner:
         lines.append(
@@ -205,6 +212,7 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
         "epochs trained",
         "image size",
         "peak memory (MB)",
+        "test accuracy against its start",
         "kept start",
     ]
     rows = [header]
@@ -228,18 +236,39 @@ def regime_table(summary: dict, shots: str) -> list[list[str]]:
                 f"{s['epochs']['mean']:.0f}",
                 f"{s['image_size'][-1]} px",
                 f"{s['peak_memory_bytes']['mean'] / 2**20:.0f} ({MEMORY_KINDS.get(s['peak_memory_kind'], '?')})",
+                against_start_cell(s.get("test_vs_start")),
                 f"{s.get('kept_start', 0)}/{len(s['seeds'])}",
             ]
         )
     return rows
 
 
+def against_start_text(against: dict) -> str:
+    """A final model's test score against its own start's (``test_vs_start``'s entry for one metric), in points."""
+    lo, hi = against["ci95"]
+    return (
+        f"{against['final']:.3f} against its start's {against['start']:.3f}, {against['diff'] * 100:+.1f} points "
+        f"(95% interval {lo * 100:+.1f} to {hi * 100:+.1f})"
+    )
+
+
+def against_start_cell(against: dict | None) -> str:
+    """The regime table's cell: test accuracy minus the start's, with its paired interval, or – (no start scored)."""
+    if not against or "acc" not in against:
+        return "–"
+    a = against["acc"]
+    return f"{a['diff'] * 100:+.1f} [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] (start {a['start']:.3f})"
+
+
 KEPT_START_NOTE = (
     "kept start: final runs that trained 0 epochs because the pooled out-of-fold validation loss was lowest at the "
     f"start (for {', '.join(STARTS_AS_PROBE)} a linear probe on the frozen pre-logits: such a run is that probe). "
     "selection accuracy: pooled out-of-fold accuracy at the chosen epoch ± its binomial SE (best of N: the regime's "
-    "sweep had N candidates); the test split is touched once per final run. cost: per final run, extraction of the "
-    "levels and image size the model reads + probe fit + training; selection: every selection run, not in the cost."
+    "sweep had N candidates); the test split scores each final run's model once. test accuracy against its start: "
+    "where a final run trained from a probe, that probe was scored on test too, before training (a reference, never "
+    "used to choose): the final model's accuracy minus its start's in points, paired over seeds and test images, "
+    "95% interval. cost: per final run, extraction of the levels and image size the model reads + probe fit + "
+    "training; selection: every selection run, not in the cost."
 )
 
 

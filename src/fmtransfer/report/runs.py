@@ -35,6 +35,7 @@ RUN_FIELDS = (
     "peak_memory_kind",
     "image_size",
     "test_confusion",
+    "start_test",
     "device",
     "selected",
     "precision",
@@ -124,6 +125,9 @@ def run_record(metrics: dict, run_dir: Path, shots: str, selection: Selection) -
         extract_seconds=extract_seconds_of(metrics),
         probe_seconds=float(metrics.get("probe_seconds") or 0.0),
         test_predictions=str(run_dir / metrics["test_predictions"]) if metrics.get("test_predictions") else None,
+        start_test_predictions=(
+            str(run_dir / metrics["start_test_predictions"]) if metrics.get("start_test_predictions") else None
+        ),
         head=metrics.get("head"),
         split_level=(metrics.get("partial") or {}).get("split_level"),
         tuned=metrics.get("tuned"),

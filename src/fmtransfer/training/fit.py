@@ -125,6 +125,7 @@ def fit_select_test(
     include_start: bool = True,
     refit: bool = False,
     evaluate_test: bool = True,
+    test_start: bool = False,
 ) -> dict:
     """Train ``module`` on ``datamodule``; pick the checkpoint on validation; evaluate the test split once, with it.
 
@@ -133,9 +134,12 @@ def fit_select_test(
     ``refit``: the trainer runs no validation (its epochs were chosen by cross-validation); the weights after the
     last epoch are the model (with 0 epochs: the starting weights, e.g. the linear probe of LP-FT).
     ``evaluate_test=False`` (a cross-validation fold): no test evaluation; ``test`` is None.
+    ``test_start`` (a refit that trains from a fitted start, e.g. LP-FT's probe): the starting weights are scored on
+    the test split too, before training, as ``start_test`` and ``start_test_predictions``: a reference for what
+    training changed on test, which nothing chooses by.
     """
     if refit:
-        return _refit_test(trainer, module, datamodule, seed)
+        return _refit_test(trainer, module, datamodule, seed, test_start)
     best, last = _checkpoints(trainer)
     last_path = Path(last.dirpath) / f"{last.filename}.ckpt" if last is not None else None
     resuming = last_path is not None and last_path.is_file()
@@ -210,11 +214,17 @@ def _curve_arrays(curve: ValidationCurve) -> dict | None:
     return {"epochs": np.asarray(epochs, dtype=np.int64), "probs": probs, "labels": curve.labels.numpy()}
 
 
-def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, seed: int) -> dict:
-    """Train for the trainer's epochs without validation, save the final weights, evaluate the test split once."""
+def _refit_test(
+    trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, seed: int, test_start: bool
+) -> dict:
+    """Train for the trainer's epochs without validation, save the final weights, evaluate the test split once
+    (and, with ``test_start`` and epochs to train, the starting weights before them)."""
     dirpath = next((Path(c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     # Nothing to monitor without validation: the selecting checkpoint would only warn.
     trainer.callbacks = [c for c in trainer.callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
+    began = time.perf_counter()
+    start_test = _test_start(trainer, module, datamodule) if test_start and trainer.max_epochs else None
+    start_seconds = time.perf_counter() - began
     reseed(seed)
     start = time.perf_counter()
     if trainer.max_epochs:
@@ -228,6 +238,8 @@ def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.Ligh
         torch.save({"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, final_path)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     phases = {"fit": train_seconds, "final_evaluation": time.perf_counter() - start - train_seconds}
+    if start_test is not None:
+        phases["start_score"] = start_seconds
     return {
         "val": None,
         "best_epoch": None,
@@ -235,6 +247,17 @@ def _refit_test(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.Ligh
         "best_checkpoint": final_path,
         "selected": f"final weights after {trainer.max_epochs} epochs (chosen by cross-validation)",
         "planned_epochs": int(module.hparams.max_epochs),
+        **(start_test or {}),
+    }
+
+
+def _test_start(trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule) -> dict:
+    """``{"start_test": metrics, "start_test_predictions": per image}`` of ``module``'s starting weights, which it
+    keeps (Lightning restores every submodule's train/eval mode after the test loop)."""
+    scored = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return {
+        "start_test": {m: round(float(scored[f"test/{m}"]), 6) for m in METRIC_NAMES},
+        "start_test_predictions": module.test_predictions,
     }
 
 
