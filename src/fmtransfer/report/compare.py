@@ -53,8 +53,10 @@ def test_against_start(records: list[dict], class_names: list[str], metrics: lis
             continue
         labels, final = test_predictions(recs, class_names)
         start_labels, start = test_predictions(recs, class_names, "start_test_predictions")
-        if labels is None or start_labels is None or not np.array_equal(labels, start_labels):
+        if labels is None or start_labels is None:
             continue
+        if not np.array_equal(labels, start_labels):
+            raise ConfigError(f"{recs[0]['run_dir']}: its start's test labels differ from its final model's")
         a, b = np.stack(final[regime][shots]), np.stack(start[regime][shots])
         if len(a) != len(b):  # a prediction file missing: no pairing of seeds
             continue
