@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,34 +41,35 @@ def test_predictions(
     return labels, preds
 
 
-def test_against_start(records: list[dict], class_names: list[str], metrics: list[str]) -> dict:
+def test_against_start(
+    records: list[dict], class_names: list[str], metrics: list[str], labels: np.ndarray | None, final: dict
+) -> dict:
     """``{regime: {shots: {metric: {"start", "final", "diff", "ci95", "p_value"}}}}``: each (regime, shots) whose
-    every final run also scored its start on test (a run that trained from a probe), the final runs against their
-    own starts on the same test images, seeds paired (a reference: nothing is chosen by it)."""
-    groups: dict = {}
-    for rec in records:
-        groups.setdefault((rec["regime"], rec["shots_per_class"]), []).append(rec)
+    every final run also scored its start on test (a run that trained from a probe), the final runs (``final``:
+    ``test_predictions``' per-seed predictions, on ``labels``) against their own starts on the same test images,
+    seeds paired (a reference: nothing is chosen by it)."""
+    start_labels, start = test_predictions(records, class_names, "start_test_predictions")
+    if labels is None or start_labels is None:
+        return {}
+    if not np.array_equal(labels, start_labels):
+        raise ConfigError("the starts' test labels differ from the final models' (start_test_predictions.csv)")
+    runs = Counter((rec["regime"], rec["shots_per_class"]) for rec in records)
     out: dict = {}
-    for (regime, shots), recs in groups.items():
-        if not all(r.get("start_test_predictions") and r.get("test_predictions") for r in recs):
-            continue
-        labels, final = test_predictions(recs, class_names)
-        start_labels, start = test_predictions(recs, class_names, "start_test_predictions")
-        if labels is None or start_labels is None:
-            continue
-        if not np.array_equal(labels, start_labels):
-            raise ConfigError(f"{recs[0]['run_dir']}: its start's test labels differ from its final model's")
-        a, b = np.stack(final[regime][shots]), np.stack(start[regime][shots])
-        if len(a) != len(b):  # a prediction file missing: no pairing of seeds
-            continue
-        out.setdefault(regime, {})[shots] = {
-            m: {
-                "start": float(np.mean([metric_value(m, labels, p, len(class_names)) for p in b])),
-                "final": float(np.mean([metric_value(m, labels, p, len(class_names)) for p in a])),
-                **paired_difference(m, labels, a, b, len(class_names)),
+    for regime, by_shots in start.items():
+        for shots, starts in by_shots.items():
+            finals = final.get(regime, {}).get(shots, [])
+            # Both lists follow the records' order; every run of the group in both, or no pairing of seeds.
+            if not len(starts) == len(finals) == runs[(regime, shots)]:
+                continue
+            a, b = np.stack(finals), np.stack(starts)
+            out.setdefault(regime, {})[shots] = {
+                m: {
+                    "start": float(np.mean([metric_value(m, labels, p, len(class_names)) for p in b])),
+                    "final": float(np.mean([metric_value(m, labels, p, len(class_names)) for p in a])),
+                    **paired_difference(m, labels, a, b, len(class_names)),
+                }
+                for m in metrics
             }
-            for m in metrics
-        }
     return out
 
 
@@ -105,12 +107,13 @@ def decide(results: dict, metric: str) -> None:
     class_names = results["class_names"]
     labels, preds = test_predictions(results["runs"], class_names)
     summary = results["summary"]
+    metrics = sorted({"acc", metric})
     for regime, by_shots in preds.items():
         for shots, seeds in by_shots.items():
             summary[regime][shots]["test_bootstrap"] = {
-                m: bootstrap_interval(m, labels, np.stack(seeds), len(class_names)) for m in sorted({"acc", metric})
+                m: bootstrap_interval(m, labels, np.stack(seeds), len(class_names)) for m in metrics
             }
-    for regime, by_shots in test_against_start(results["runs"], class_names, sorted({"acc", metric})).items():
+    for regime, by_shots in test_against_start(results["runs"], class_names, metrics, labels, preds).items():
         for shots, against in by_shots.items():
             summary[regime][shots]["test_vs_start"] = against
     shots = headline_shots(summary)
