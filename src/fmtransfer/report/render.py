@@ -495,7 +495,9 @@ def sections(results: dict) -> list[tuple[str, str]]:
             f"compare.selection.min_scored images or more is the one fold); each candidate's epoch is the lowest "
             f"pooled out-of-fold validation loss (0: the start), its score the pooled out-of-fold "
             f"{results['verdict']['metric']} there; every seed's final run retrains on the pool for that epoch on the "
-            f"folds' schedule and touches the test split once. Numbers are mean ± std [95% CI] over seeds, except "
+            f"folds' schedule and scores the test split once with its model (one that trains from a probe also "
+            f"scores that probe there first, before training: a reference nothing is chosen by). Numbers are mean ± "
+            f"std [95% CI] over seeds, except "
             f"where the 95% interval is over seeds and test images (two-level bootstrap). "
             + (leakage_text(results["runs"][0]["leakage"]) if "leakage" in results["runs"][0] else "")
             + not_run_text(results.get("not_run", [])),

@@ -217,8 +217,8 @@ def _curve_arrays(curve: ValidationCurve) -> dict | None:
 def _refit_test(
     trainer: pl.Trainer, module: HeadClassifier, datamodule: pl.LightningDataModule, seed: int, test_start: bool
 ) -> dict:
-    """Train for the trainer's epochs without validation, save the final weights, evaluate the test split once
-    (and, with ``test_start`` and epochs to train, the starting weights before them)."""
+    """Train for the trainer's epochs without validation, save the final weights, evaluate the test split once with
+    them (and, with ``test_start`` and epochs to train, the starting weights before training, for reference)."""
     dirpath = next((Path(c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     # Nothing to monitor without validation: the selecting checkpoint would only warn.
     trainer.callbacks = [c for c in trainer.callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
