@@ -137,15 +137,38 @@ def cache_entries(cache_dir: Path) -> dict:
     return {"entries": len(entries), "views": len(views), "bytes": folder_bytes(cache_dir)}
 
 
-def head_tensor_bytes(run_dir: Path) -> int:
-    """The frozen head's training tensors: the pooled float32 features of its levels for every training image."""
+def head_tensor_bytes(run_dir: Path, splits: tuple[str, ...] = ("train",)) -> int:
+    """The frozen head's training tensors: the pooled float32 features of its levels for every image of ``splits``
+    (a comparison's refit trains on its pool: train and validation)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = (run_dir / "config.yaml").read_text()
     manifest = json.loads((Path(metrics["cache"]["entries"]["train"]) / "manifest.json").read_text())
     levels = manifest["levels"]
     wanted = [n for n in levels if f"- {n}" in config or "levels: all" in config]
     channels = sum(levels[n]["shape"][0] for n in wanted or levels)
-    return int(metrics["split_sizes"]["train"]) * channels * 4
+    return sum(int(metrics["split_sizes"].get(split, 0)) for split in splits) * channels * 4
+
+
+def scale_checks(runs: list[dict], leakage: dict | None) -> dict:
+    """The scale issue's checks from one bench run: peak RSS minus the head's training tensors, its growth from the
+    smallest to the largest run (target: within 10 %), a comparison's cache disk against the base entries
+    ``make train`` left (target: about 1, no per-fold copies), and the leakage check's speed against the check as it
+    was (target: 10x) with its recall and extra pairs."""
+    out: dict = {}
+    if len(runs) >= 2:
+        small, large = min(runs, key=lambda r: r["images"]), max(runs, key=lambda r: r["images"])
+        for step in ("train", "compare"):
+            a, b = (r[step]["peak_rss_mib"] - r[step]["head_tensor_mib"] for r in (small, large))
+            out[f"{step}_rss_minus_head_growth"] = round(b / a - 1, 3)
+    for run in runs:
+        base = run["train"]["cache"]["bytes"]
+        out[f"compare_cache_over_base_{run['images']}"] = round(run["compare"]["cache"]["bytes"] / base, 4)
+    if leakage:
+        out["leakage_speedup_over_reference"] = leakage["check_speedup_over_reference"]
+        for kind in ("exact", "near"):
+            out[f"leakage_{kind}_recall"] = leakage[f"faiss_{kind}_recall"]
+            out[f"leakage_{kind}_extra"] = leakage[f"faiss_{kind}_extra"]
+    return out
 
 
 def latest(folder: Path) -> Path:
@@ -189,7 +212,11 @@ def scale_run(n: int, work: Path, size: int, python: str) -> dict:
         "generate_s": round(generate_s, 1),
         "dataset_bytes": folder_bytes(data),
         "train": {**train, "head_tensor_mib": round(head / 2**20, 1), "cache": after_train},
-        "compare": {**compare, "cache": cache_entries(cache)},
+        "compare": {
+            **compare,
+            "head_tensor_mib": round(head_tensor_bytes(data_dir / "train-run", ("train", "validation")) / 2**20, 1),
+            "cache": cache_entries(cache),
+        },
     }
 
 
@@ -288,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         log.info(json.dumps(results["runs"][-1]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
+    results["checks"] = scale_checks(results["runs"], results.get("leakage"))
+    log.info(json.dumps(results["checks"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     log.info(f"written {args.out}")
