@@ -27,6 +27,7 @@ import csv
 import hashlib
 import importlib.util
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -47,6 +48,10 @@ try:  # the scale extra's JPEG decoder: libjpeg-turbo at about two thirds of tor
     import simplejpeg
 except ImportError:
     simplejpeg = None
+
+# FAISS's loader logs at INFO that it "could not load" builds the installed wheel does not ship (it then loads the
+# one it does): not news to a user, and it reads like an error.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 THUMB = 32
 BLOCK = 2048
