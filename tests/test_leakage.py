@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from fmtransfer.bench.scale import pil_thumbnail
@@ -222,6 +224,28 @@ def test_forked_workers_scan_and_sign_a_split_as_threads_do(tmp_path, monkeypatc
 
 def worker_pid(records: list[dict]) -> int:
     return os.getpid()
+
+
+def undecoded_rows(records: list[dict]) -> list[dict]:
+    return records
+
+
+def test_map_undecoded_hands_each_row_in_the_splits_order(monkeypatch):
+    """Workers get the rows of a shuffled, selected split (a row mapping over the table) in its order, images stored
+    as bytes and as paths alike, chunk by chunk: what Hugging Face's own row access gives."""
+    files = sorted(str(p) for p in (shared_dataset("hymenoptera") / "val").rglob("*.jpg"))[:12]
+    stored = [{"bytes": Path(f).read_bytes(), "path": None} for f in files[:6]]
+    table = Dataset.from_dict(
+        {"image": stored + [{"bytes": None, "path": f} for f in files[6:]], "label": list(range(12))},
+        features=Features({"image": ImageFeature(), "label": Value("int64")}),
+    )
+    split = table.shuffle(seed=0).select([9, 2, 11, 0, 5, 7, 3])
+    monkeypatch.setattr(images, "PROCESS_MIN_ROWS", 0)
+    monkeypatch.setattr(images, "READ_BATCH", 4)
+    mapped = list(images.map_undecoded(split, undecoded_rows, workers=2))
+    assert [first for first, _ in mapped] == [0, 2, 4, 6]
+    expected = split.cast_column("image", ImageFeature(decode=False))["image"]
+    assert [row for _, rows in mapped for row in rows] == expected
 
 
 def test_maps_inside_shared_workers_run_in_one_pool_and_files_read_whole(tmp_path, monkeypatch):

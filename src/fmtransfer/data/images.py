@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from typing import TypeVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
@@ -112,19 +113,37 @@ def map_undecoded(split: Dataset, fn: Callable[[list[dict]], T], workers: int | 
     its pool. ``fn`` must be a module-level function, and is best returning arrays rather than an object per image
     (its result is pickled back). Yields each chunk's first row and ``fn``'s result for it, in order;
     ``BATCHES_IN_FLIGHT`` batches are read ahead while the workers run."""
-    raw = split.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    column, rows = undecoded_column(split)
     workers = workers or len(os.sched_getaffinity(0))
     shared = SHARED_POOL.get()
-    with contextlib.nullcontext(shared) if shared is not None else undecoded_workers(workers, len(raw)) as pool:
+    with contextlib.nullcontext(shared) if shared is not None else undecoded_workers(workers, len(rows)) as pool:
         pending: deque[list[tuple[int, Future]]] = deque()
-        for start in range(0, len(raw), READ_BATCH):
-            images = raw[start : start + READ_BATCH]["image"]
-            step = -(-len(images) // workers)
-            pending.append([(start + i, pool.submit(fn, images[i : i + step])) for i in range(0, len(images), step)])
+        for start in range(0, len(rows), READ_BATCH):
+            stop = min(start + READ_BATCH, len(rows))
+            step = -(-(stop - start) // workers)
+            chunks = [(first, column.take(rows[first : min(first + step, stop)])) for first in range(start, stop, step)]
+            pending.append([(first, pool.submit(on_undecoded, fn, chunk)) for first, chunk in chunks])
             if len(pending) > BATCHES_IN_FLIGHT:
                 yield from ((first, part.result()) for first, part in pending.popleft())
         while pending:
             yield from ((first, part.result()) for first, part in pending.popleft())
+
+
+def undecoded_column(split: Dataset) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """The Arrow column of ``split``'s undecoded images (``struct<bytes, path>``, as stored: memory-mapped where the
+    split is) and, for each row of the split, its row in that column (``select``/``shuffle`` leave a mapping).
+    ``take`` hands rows to the workers without a Python object per row in the parent (Hugging Face's row slicing
+    makes a dict per row: about 50 times the cost), and a taken array pickles as its own rows only (a slice pickles
+    its parent's buffers)."""
+    raw = split.cast_column("image", ImageFeature(decode=False))
+    mapping = raw._indices  # datasets' row mapping (no public accessor); None when the rows are the table's own
+    rows = mapping.column(0).to_numpy() if mapping is not None else np.arange(len(raw))
+    return raw.data.table.column("image"), rows
+
+
+def on_undecoded(fn: Callable[[list[dict]], T], images: pa.ChunkedArray) -> T:
+    """``fn`` over taken rows of ``undecoded_column``, as ``{"bytes", "path"}`` dicts (made where ``fn`` runs)."""
+    return fn(images.to_pylist())
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ DECODE_BYTES = 1 << 20  # encoded bytes a thread decodes in one call
 RESIZE_PIXELS = 1 << 22  # decoded pixels a thread holds before it resizes them (4-megapixel photos: one at a time)
 INDEX_GRID = 8  # the FAISS index holds each thumbnail's 8 x 8 block averages (64 dimensions)
 INDEX_PROBES = 16  # inverted lists searched per query
-INDEX_TRAIN_ITERATIONS = 10  # k-means iterations of the index's lists (FAISS's default, 25, costs more than it buys)
+INDEX_TRAIN_ITERATIONS = 5  # k-means iterations of the index's lists (FAISS's default, 25, costs more than it buys)
 INDEX_TRAIN_PER_LIST = 64  # k-means points per list (FAISS warns below 39; its default sample, 256, costs 4x more)
 INDEX_MIN_REFERENCES = 10_000  # index=auto: below this the dense search is fast enough and exact
 INDEX_MODES = ("auto", "dense", "faiss")
