@@ -3,6 +3,7 @@ their start's score, callbacks from config measure the run; the Trainer, callbac
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from fmtransfer.backbone import FixedBatchNormStats
 from fmtransfer.cli.config import compose_config
 from fmtransfer.heads import HeadClassifier, LinearProbeHead, PooledFeatureDataset, ResidentBatches
 from fmtransfer.regimes import FinetuneRegime, FrozenRegime, PartialRegime, ScratchRegime, for_run_dir
@@ -169,6 +171,40 @@ def test_a_refit_scores_its_start_on_test_first_and_then_trains_as_without(tmp_p
     assert scored["test"] == plain["test"] and scored["test"]["acc"] > scored["start_test"]["acc"] + 0.3
     assert "start_test" not in plain and scored["phase_seconds"]["start_score"] > 0
     assert "start_test" not in refit("none", epochs=0, test_start=True)
+
+
+class SlowToPrepare(FixedBatchNormStats):
+    """Dropout features whose one-time preparation on their first forward (a BatchNorm fold) takes 0.4 s."""
+
+    def __init__(self):
+        super().__init__(DropoutOnLevels())
+
+    def _fold(self, args: tuple, kwargs: dict) -> None:
+        time.sleep(0.4)
+
+
+def test_the_models_one_time_preparation_is_its_own_phase_not_the_passs_that_paid_it(tmp_path):
+    """The first forward's preparation is ``prepare``, whichever pass paid it: a fold run's start scoring (its
+    sanity check), a refit's start scoring on test, a refit's first training step; the phases still sum to the
+    run's time."""
+
+    def run(name: str, **kwargs) -> tuple[dict, float]:
+        tools = tools_for(tmp_path / name)
+        start = module(lr=0.05)
+        start.features = SlowToPrepare()
+        trainer = tools.fit_trainer(epochs=2, validate=not kwargs.get("refit"))
+        began = time.perf_counter()
+        results = fit_select_test(trainer, start, digits_datamodule(tools.placement), 0, **kwargs)
+        return results["phase_seconds"], time.perf_counter() - began
+
+    for name, kwargs, paid_by in [
+        ("fold", {}, "start_score"),
+        ("refit-scored", {"refit": True, "test_start": True}, "start_score"),
+        ("refit", {"refit": True}, "fit"),
+    ]:
+        phases, wall = run(name, **kwargs)
+        assert phases["prepare"] == pytest.approx(0.4, abs=0.05), name
+        assert phases[paid_by] < 0.35 and sum(phases.values()) == pytest.approx(wall, abs=0.05), (name, phases)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from fmtransfer.backbone.model import (
     describe_backbone,
     describe_levels,
     parse_levels,
+    preparation_seconds,
     to_channels_last,
 )
 from fmtransfer.backbone.split import SUFFIX_BUILDERS, build_suffix, split_level
@@ -55,6 +56,7 @@ __all__ = [
     "load_weights",
     "merge_augment",
     "parse_levels",
+    "preparation_seconds",
     "resolve_data_config",
     "resolve_weights_source",
     "split_level",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -202,6 +203,7 @@ class FixedBatchNormStats(nn.Module):
         super().__init__()
         self.module = module
         self.fold_pending = fold
+        self.fold_seconds = 0.0  # the fold's time: the model's one-time preparation (``preparation_seconds``)
 
     def train(self, mode: bool = True) -> FixedBatchNormStats:
         super().train(mode)
@@ -213,7 +215,9 @@ class FixedBatchNormStats(nn.Module):
     def forward(self, *args, **kwargs):
         if self.fold_pending:
             self.fold_pending = False
+            began = time.perf_counter()
             self._fold(args, kwargs)
+            self.fold_seconds = time.perf_counter() - began
         return self.module(*args, **kwargs)
 
     def _fold(self, args: tuple, kwargs: dict) -> None:
@@ -229,3 +233,9 @@ class FixedBatchNormStats(nn.Module):
         ):
             self.module(*first, **kwargs)
         log.debug("%d BatchNorm layers with fixed statistics folded into their convolutions", fold_batchnorm(pairs))
+
+
+def preparation_seconds(module: nn.Module) -> float:
+    """Seconds ``module``'s parts have spent so far preparing themselves on their first forward (the BatchNorm fold
+    of ``FixedBatchNormStats``): a one-time cost of the model, whichever pass happened to pay it."""
+    return sum(m.fold_seconds for m in module.modules() if isinstance(m, FixedBatchNormStats))

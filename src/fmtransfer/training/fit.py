@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from fmtransfer.backbone import preparation_seconds
 from fmtransfer.errors import ConfigError
 from fmtransfer.heads import HeadClassifier
 from fmtransfer.metrics import METRIC_NAMES
@@ -87,14 +88,15 @@ class StartingValidation(pl.Callback):
         self._began = 0.0
 
     # Timed as ``EpochTimer`` times every later validation pass (epoch start to end): the validation loader the
-    # sanity check builds first is the fit's, built once whether or not a start is scored.
+    # sanity check builds first is the fit's, built once whether or not a start is scored. The model's one-time
+    # preparation on its first forward (``preparation_seconds``) is the run's, not the start's: left out.
     def on_validation_epoch_start(self, trainer, pl_module):
         if trainer.sanity_checking:
-            self._began = time.perf_counter()
+            self._began = time.perf_counter() + preparation_seconds(pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
-            self.seconds = time.perf_counter() - self._began
+            self.seconds = time.perf_counter() - self._began - preparation_seconds(pl_module)
 
     def on_sanity_check_end(self, trainer, pl_module):
         metrics = pl_module.sanity_metrics or {}
@@ -107,6 +109,26 @@ class StartingValidation(pl.Callback):
             tmp = self.store.with_suffix(".tmp")
             torch.save(saved, tmp)
             tmp.replace(self.store)  # never a half-written start: a resumed run would trust it
+
+
+class PhaseClock:
+    """A run's wall seconds by phase (``lap``), with the model's one-time preparation on its first forward
+    (``preparation_seconds``) counted apart as ``prepare``, whichever phase's pass paid it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.phases: dict[str, float] = {"prepare": 0.0}
+        self._began, self._prepared = time.perf_counter(), preparation_seconds(module)
+
+    def lap(self, name: str) -> float:
+        """The seconds since the last lap (or the clock's start), less the preparation in them, added to ``name``."""
+        now, prepared = time.perf_counter(), preparation_seconds(self.module)
+        prepare = prepared - self._prepared
+        seconds = now - self._began - prepare
+        self.phases["prepare"] += prepare
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self._began, self._prepared = now, prepared
+        return seconds
 
 
 def _stored_start(store: Path) -> StartingScore | None:
@@ -161,11 +183,13 @@ def fit_select_test(
     best_epoch = BestEpoch(best.monitor, best.mode)
     trainer.callbacks += [best_epoch, curve]
     reseed(seed)
-    fit_began = time.perf_counter()
+    clock = PhaseClock(module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_path) if resuming else None)
-    fit_ended = time.perf_counter()
+    clock.lap("fit")
     start_seconds = starting.seconds if starting is not None else 0.0
-    train_seconds = fit_ended - fit_began - start_seconds
+    clock.phases["fit"] -= start_seconds  # the start was scored in the fit's sanity check
+    clock.phases["start_score"] = start_seconds
+    train_seconds = clock.phases["fit"]
     if starting is not None:
         start = starting.start
     if start is not None:
@@ -187,11 +211,8 @@ def fit_select_test(
         val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
     # Model selection used validation only; the test split is evaluated once, with the selected weights.
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0] if evaluate_test else None
-    phases = {
-        "start_score": start_seconds,
-        "fit": train_seconds,
-        "final_evaluation": time.perf_counter() - fit_ended,
-    }
+    clock.lap("final_evaluation")
+    phases = clock.phases
     return {
         "val": {m: round(float(val[f"val/{m}"]), 6) for m in METRIC_NAMES},
         "best_epoch": 0 if kept_start else best_epoch.epochs,
@@ -222,14 +243,13 @@ def _refit_test(
     dirpath = next((Path(c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     # Nothing to monitor without validation: the selecting checkpoint would only warn.
     trainer.callbacks = [c for c in trainer.callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
-    began = time.perf_counter()
+    clock = PhaseClock(module)
     start_test = _test_start(trainer, module, datamodule) if test_start and trainer.max_epochs else None
-    start_seconds = time.perf_counter() - began
+    clock.lap("start_score")
     reseed(seed)
-    start = time.perf_counter()
     if trainer.max_epochs:
         trainer.fit(module, datamodule=datamodule)
-    train_seconds = time.perf_counter() - start
+    train_seconds = clock.lap("fit")
     final_path = None
     if dirpath is not None:
         dirpath.mkdir(parents=True, exist_ok=True)
@@ -237,9 +257,10 @@ def _refit_test(
         # Tensors only: loadable with torch.load(weights_only=True), and written whether or not fit ran.
         torch.save({"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, final_path)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    phases = {"fit": train_seconds, "final_evaluation": time.perf_counter() - start - train_seconds}
-    if start_test is not None:
-        phases["start_score"] = start_seconds
+    clock.lap("final_evaluation")
+    phases = clock.phases
+    if start_test is None:
+        del phases["start_score"]  # no start scored: nothing to report
     return {
         "val": None,
         "best_epoch": None,
