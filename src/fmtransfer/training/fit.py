@@ -75,42 +75,6 @@ class StartingScore:
     predictions: dict | None
 
 
-class StartingValidation(pl.Callback):
-    """Scores the starting weights in the fit's own sanity check, run over the whole validation split (the fit's
-    setup is paid once, not again by a separate ``trainer.validate``), and stores the score in ``store`` before the
-    first training step, so a resumed run still compares against its true start. Sanity-check values reach no
-    logger: the logs (and the report's learning curves read from them) hold one validation per epoch."""
-
-    def __init__(self, monitor: str, store: Path):
-        self.monitor, self.store = monitor, store
-        self.start: StartingScore | None = None
-        self.seconds = 0.0
-        self._began = 0.0
-
-    # Timed as ``EpochTimer`` times every later validation pass (epoch start to end): the validation loader the
-    # sanity check builds first is the fit's, built once whether or not a start is scored. The model's one-time
-    # preparation on its first forward (``preparation_seconds``) is the run's, not the start's: left out.
-    def on_validation_epoch_start(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            self._began = time.perf_counter() + preparation_seconds(pl_module)
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            self.seconds = time.perf_counter() - self._began - preparation_seconds(pl_module)
-
-    def on_sanity_check_end(self, trainer, pl_module):
-        metrics = pl_module.sanity_metrics or {}
-        if self.monitor not in metrics:
-            return
-        self.start = StartingScore(metrics[self.monitor], metrics, getattr(pl_module, "val_predictions", None))
-        if trainer.is_global_zero:
-            self.store.parent.mkdir(parents=True, exist_ok=True)
-            saved = {"score": self.start.score, "metrics": metrics, "val_predictions": self.start.predictions}
-            tmp = self.store.with_suffix(".tmp")
-            torch.save(saved, tmp)
-            tmp.replace(self.store)  # never a half-written start: a resumed run would trust it
-
-
 class PhaseClock:
     """A run's wall seconds by phase (``lap``), with the model's one-time preparation on its first forward
     (``preparation_seconds``) counted apart as ``prepare``, whichever phase's pass paid it."""
@@ -129,6 +93,42 @@ class PhaseClock:
         self.phases[name] = self.phases.get(name, 0.0) + seconds
         self._began, self._prepared = now, prepared
         return seconds
+
+
+class StartingValidation(pl.Callback):
+    """Scores the starting weights in the fit's own sanity check, run over the whole validation split (the fit's
+    setup is paid once, not again by a separate ``trainer.validate``), and stores the score in ``store`` before the
+    first training step, so a resumed run still compares against its true start. Sanity-check values reach no
+    logger: the logs (and the report's learning curves read from them) hold one validation per epoch."""
+
+    def __init__(self, monitor: str, store: Path):
+        self.monitor, self.store = monitor, store
+        self.start: StartingScore | None = None
+        self.seconds = 0.0
+        self._clock: PhaseClock | None = None
+
+    # Timed as ``EpochTimer`` times every later validation pass (epoch start to end): the validation loader the
+    # sanity check builds first is the fit's, built once whether or not a start is scored. The model's one-time
+    # preparation on its first forward (``preparation_seconds``) is the run's, not the start's: left out.
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            self._clock = PhaseClock(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            self.seconds = self._clock.lap("start_score")
+
+    def on_sanity_check_end(self, trainer, pl_module):
+        metrics = pl_module.sanity_metrics or {}
+        if self.monitor not in metrics:
+            return
+        self.start = StartingScore(metrics[self.monitor], metrics, getattr(pl_module, "val_predictions", None))
+        if trainer.is_global_zero:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            saved = {"score": self.start.score, "metrics": metrics, "val_predictions": self.start.predictions}
+            tmp = self.store.with_suffix(".tmp")
+            torch.save(saved, tmp)
+            tmp.replace(self.store)  # never a half-written start: a resumed run would trust it
 
 
 def _stored_start(store: Path) -> StartingScore | None:
