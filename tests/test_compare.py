@@ -15,7 +15,7 @@ from fmtransfer.errors import FmtransferError
 from fmtransfer.report import schedule as schedule_mod
 from fmtransfer.report.render import verdict_text
 from fmtransfer.report.stats import summarise
-from fmtransfer.report.verdict import selection_score, verdict
+from fmtransfer.report.verdict import model_description, selection_score, verdict
 
 TINY = [
     "data.image_size=32",
@@ -314,6 +314,9 @@ def test_a_regime_that_kept_its_start_competes_as_its_start_and_is_named():
     text = verdict_text(v, summary)
     assert v["winner"] == "frozen" and "Fine-tuning did not improve" not in text
     assert "partial trained 0 epochs" in text and "(linear probe, pre_logits, 224 px)" in text
+    one = _row([0.9] * 3, [0.9] * 3, [5] * 3)["all"] | {"epochs": summarise([1.0] * 3)}
+    assert model_description("scratch", one)["is"].endswith("224 px, 1 epoch")
+    assert model_description("scratch", _row([0.9] * 3, [0.9] * 3, [5] * 3)["all"])["is"].endswith(", 5 epochs")
 
 
 def test_verdict_says_whether_a_trained_regime_gained_on_its_start():

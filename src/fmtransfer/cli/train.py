@@ -52,8 +52,9 @@ def summarise(metrics: dict) -> str:
                 f"acc {scores['acc']:.4f}  f1_macro {scores['f1_macro']:.4f}  balanced_acc {scores['balanced_acc']:.4f}"
             )
         lines.append(f"{name:<10}{absent}")
+    epochs = metrics["epochs"]
     lines += [
-        f"time      training {metrics['train_seconds']:.1f} s ({metrics['epochs']} epochs, "
+        f"time      training {metrics['train_seconds']:.1f} s ({epochs} epoch{'s' * (epochs != 1)}, "
         f"{metrics['trainable_params']:,} trainable parameters), run total {metrics['total_seconds']:.1f} s",
     ]
     return "\n".join(lines)

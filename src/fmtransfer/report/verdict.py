@@ -90,7 +90,7 @@ def model_description(regime: str, row: dict) -> dict:
     epochs = trained_epochs(row)
     what = DESCRIBE.get(regime, lambda row, e: regime)(row, epochs)
     size = f"{row['image_size'][-1]} px"
-    trained = "" if epochs == 0 or regime == "frozen" else f", {epochs} epochs"
+    trained = "" if epochs == 0 or regime == "frozen" else f", {epochs} epoch{'s' * (epochs != 1)}"
     return {"regime": regime, "trained_epochs": epochs, "is": f"{what}, {size}{trained}"}
 
 

@@ -261,12 +261,13 @@ def _refit_test(
     phases = clock.phases
     if start_test is None:
         del phases["start_score"]  # no start scored: nothing to report
+    epochs = trainer.max_epochs
     return {
         "val": None,
         "best_epoch": None,
         **_test_results(trainer, module, test, train_seconds, phases, trained=bool(trainer.max_epochs)),
         "best_checkpoint": final_path,
-        "selected": f"final weights after {trainer.max_epochs} epochs (chosen by cross-validation)",
+        "selected": f"final weights after {epochs} epoch{'s' * (epochs != 1)} (chosen by cross-validation)",
         "planned_epochs": int(module.hparams.max_epochs),
         **(start_test or {}),
     }
