@@ -13,6 +13,7 @@ from fmtransfer.cli.compare import main as compare_main
 from fmtransfer.cli.compare import resolve_preset
 from fmtransfer.errors import FmtransferError
 from fmtransfer.report import schedule as schedule_mod
+from fmtransfer.report.compare import selection_test_gaps
 from fmtransfer.report.render import verdict_text
 from fmtransfer.report.stats import summarise
 from fmtransfer.report.verdict import model_description, selection_score, verdict
@@ -317,6 +318,45 @@ def test_a_regime_that_kept_its_start_competes_as_its_start_and_is_named():
     one = _row([0.9] * 3, [0.9] * 3, [5] * 3)["all"] | {"epochs": summarise([1.0] * 3)}
     assert model_description("scratch", one)["is"].endswith("224 px, 1 epoch")
     assert model_description("scratch", _row([0.9] * 3, [0.9] * 3, [5] * 3)["all"])["is"].endswith(", 5 epochs")
+
+
+def test_a_test_score_outside_its_selection_interval_is_explained_by_its_direction():
+    """Test above selection is what fold models trained on part of the pool predict for a regime still gaining from
+    more images; test below it, a test split unlike the pool (or a sweep's best flattered). Within the combined
+    intervals: no line."""
+    summary = {
+        "frozen": _row([0.80] * 3, [0.81] * 3, [5] * 3, 3000, n_val=300),
+        "partial": _row([0.75] * 3, [0.90] * 3, [1] * 3, 2_000_000, n_val=300),
+        "scratch": _row([0.60] * 3, [0.40] * 3, [100] * 3, 4_000_000, n_val=300),
+    }
+    for row in summary.values():
+        row["all"]["test_bootstrap"] = {"acc": row["all"]["test"]["acc"] | {"se": 0.02}}
+    summary["partial"]["all"]["selection"] = {"protocol": "cv", "folds": 3, "n_candidates": 1}
+    summary["scratch"]["all"]["selection"] = {"protocol": "cv", "folds": 3, "n_candidates": 2}
+    v = verdict(summary)
+    v["selection_test_gaps"] = selection_test_gaps(summary, v, "acc")
+    assert [(g["regime"], round(g["gap"], 2)) for g in v["selection_test_gaps"]] == [
+        ("partial", -0.15),
+        ("scratch", 0.2),
+    ]
+    lines = {
+        line.split("'")[0].split(" ")[-1]: line
+        for line in verdict_text(v, summary).splitlines()
+        if "'s selection" in line
+    }
+    assert set(lines) == {"partial", "scratch"}
+    assert lines["partial"].startswith("Note: partial's selection accuracy 0.750 and test accuracy 0.900")
+    assert "test is higher: each selection model trained on 2/3 of the labelled pool (3-fold" in lines["partial"]
+    assert "test split differs" not in lines["partial"]
+    assert (
+        lines["scratch"].startswith("Warning: scratch's")
+        and "test is lower: the test split differs" in lines["scratch"]
+    )
+    assert "the best of its 2 candidates" in lines["scratch"]
+    summary["scratch"]["all"]["selection"] = {"protocol": "validation", "n_candidates": 1}
+    summary["scratch"]["all"]["test_bootstrap"]["acc"]["mean"] = 0.9
+    v["selection_test_gaps"] = selection_test_gaps(summary, v, "acc")
+    assert "trained without the validation split" in verdict_text(v, summary)
 
 
 def test_verdict_says_whether_a_trained_regime_gained_on_its_start():

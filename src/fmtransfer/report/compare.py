@@ -87,8 +87,8 @@ def out_of_fold(records: list[dict], shots: str) -> dict:
 
 
 def selection_test_gaps(summary: dict, verdict_: dict, metric: str) -> list[dict]:
-    """Regimes whose selection and test scores differ by more than their combined 95% intervals (a shift between
-    the labelled pool and the test split that no selection on training data can see)."""
+    """Regimes whose selection and test scores differ by more than their combined 95% intervals (``gap``: selection
+    minus test; ``report.render.selection_test_gap_text`` says what each direction can mean)."""
     out = []
     for regime, sel in verdict_["selection"].items():
         row = summary[regime][verdict_["shots"]]

@@ -122,12 +122,35 @@ def verdict_text(verdict: dict, summary: dict) -> str:
         gaps = ", ".join(f"{c['regime']} ({-c['score_gap'] * 100:+.1f} points)" for c in verdict["cheaper"])
         lines.append(f"Cheaper than the winner but more than one standard error below it on selection: {gaps}.")
     for g in verdict.get("selection_test_gaps") or []:
-        lines.append(
-            f"Warning: {g['regime']}'s selection {label} {g['selection']:.3f} and test {label} {g['test']:.3f} differ "
-            f"by more than their combined 95% intervals (±{g['bound']:.3f}): the test split differs from the labelled "
-            "pool in a way selection on training data cannot see."
-        )
+        lines.append(selection_test_gap_text(g, rows[g["regime"]].get("selection"), label))
     return "\n".join(lines)
+
+
+def selection_test_gap_text(gap: dict, selection: dict | None, label: str) -> str:
+    """A regime whose test score lies outside its selection score's interval, with the causes that direction
+    allows: a test score above selection is what fold models trained on part of the pool predict for a regime still
+    gaining from more images; one below it, a test split unlike the pool (or a sweep's best flattered by its folds)."""
+    sel = selection or {}
+    scores = (
+        f"{gap['regime']}'s selection {label} {gap['selection']:.3f} and test {label} {gap['test']:.3f} differ by "
+        f"more than their combined 95% intervals (±{gap['bound']:.3f})"
+    )
+    if gap["gap"] < 0:
+        if sel.get("protocol") == "cv":
+            k = sel["folds"]
+            fewer = f"each selection model trained on {k - 1}/{k} of the labelled pool ({k}-fold cross-validation)"
+        else:
+            fewer = "the selection models trained without the validation split"
+        return (
+            f"Note: {scores}; test is higher: {fewer}, the final runs on all of it, so a regime still gaining from "
+            f"more images scores better than its selection {label} says (or the test split is easier than the pool)."
+        )
+    n = sel.get("n_candidates") or len(sel.get("candidates") or [])
+    flattered = f", or the best of its {n} candidates scored above its worth on the same folds" if n > 1 else ""
+    return (
+        f"Warning: {scores}; test is lower: the test split differs from the labelled pool in a way selection on "
+        f"training data cannot see{flattered}."
+    )
 
 
 def chosen_candidate(selection: dict | None) -> dict | None:
