@@ -356,7 +356,7 @@ def test_a_test_score_outside_its_selection_interval_is_explained_by_its_directi
     summary["scratch"]["all"]["selection"] = {"protocol": "validation", "n_candidates": 1}
     summary["scratch"]["all"]["test_bootstrap"]["acc"]["mean"] = 0.9
     v["selection_test_gaps"] = selection_test_gaps(summary, v, "acc")
-    assert "trained without the validation split" in verdict_text(v, summary)
+    assert "trained without the validation split, the final runs with it" in verdict_text(v, summary)
 
 
 def test_verdict_says_whether_a_trained_regime_gained_on_its_start():

@@ -138,11 +138,14 @@ def selection_test_gap_text(gap: dict, selection: dict | None, label: str) -> st
     if gap["gap"] < 0:
         if sel.get("protocol") == "cv":
             k = sel["folds"]
-            fewer = f"each selection model trained on {k - 1}/{k} of the labelled pool ({k}-fold cross-validation)"
+            fewer = (
+                f"each selection model trained on {k - 1}/{k} of the labelled pool ({k}-fold cross-validation), "
+                "the final runs on all of it"
+            )
         else:
-            fewer = "the selection models trained without the validation split"
+            fewer = "the selection models trained without the validation split, the final runs with it"
         return (
-            f"Note: {scores}; test is higher: {fewer}, the final runs on all of it, so a regime still gaining from "
+            f"Note: {scores}; test is higher: {fewer}, so a regime still gaining from "
             f"more images scores better than its selection {label} says (or the test split is easier than the pool)."
         )
     n = sel.get("n_candidates") or len(sel.get("candidates") or [])

@@ -265,7 +265,7 @@ def _refit_test(
     return {
         "val": None,
         "best_epoch": None,
-        **_test_results(trainer, module, test, train_seconds, phases, trained=bool(trainer.max_epochs)),
+        **_test_results(trainer, module, test, train_seconds, phases, trained=bool(epochs)),
         "best_checkpoint": final_path,
         "selected": f"final weights after {epochs} epoch{'s' * (epochs != 1)} (chosen by cross-validation)",
         "planned_epochs": int(module.hparams.max_epochs),
